@@ -1,0 +1,1 @@
+"""chat-runner: replay multi-turn conversations through open LLMs, configured with Hydra."""

@@ -1,0 +1,31 @@
+"""`python -m runner [group=option ...] [key=value ...]`: compose the config and run the replay."""
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from runner.errors import RunnerError
+from runner.outputs import unique_dir
+from runner.schema import register_configs, to_run_config
+
+register_configs()
+OmegaConf.register_new_resolver("unique_dir", unique_dir)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from runner.app import run  # imports torch: kept out of --help and --cfg
+
+    try:
+        run(to_run_config(cfg), Path(HydraConfig.get().runtime.output_dir))
+    except RunnerError as error:
+        logging.getLogger("runner").error("%s", error)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

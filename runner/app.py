@@ -1,0 +1,133 @@
+"""The one orchestration of a run: validate input, load the model, replay, write, summarise."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from runner import engine, model
+from runner.conversations import Conversation, load_conversations, resolve_input_files
+from runner.errors import RunnerError
+from runner.outputs import (
+    ChatWriter,
+    chat_paths,
+    chat_record,
+    environment,
+    peak_rss_bytes,
+    write_json_atomically,
+)
+from runner.replay import replay_conversation, replies_to_generate
+from runner.schema import ModelSource, RunConfig
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    """Replay every input conversation through the configured model into `run_dir`."""
+    started = time.perf_counter()
+    files = resolve_input_files(cfg.input.path)
+    conversations = load_conversations(files)
+    paths = chat_paths(run_dir, files)
+    if any(path.exists() for path in paths.values()):
+        raise RunnerError(f"{run_dir} already holds chats from an earlier run: pick a new hydra.run.dir")
+    samples = cfg.generation.num_samples
+    planned = samples * sum(replies_to_generate(c, cfg.replay.mode) for c in conversations)
+    log.info(
+        "%d conversation(s) from %d file(s): %d replies to generate",
+        len(conversations),
+        len(files),
+        planned,
+    )
+
+    load_start = time.perf_counter()
+    hardware = model.detect_hardware()
+    embedded_dir = None
+    if cfg.model.source is ModelSource.embedded:
+        embedded_dir = model.embedded_checkpoint(cfg.model.package, Path(cfg.cache_dir).expanduser())
+    arguments = model.transformers_arguments(cfg, hardware, embedded_dir)
+    log.info("loading %s (%s)", cfg.model.name, arguments.load["model"])
+    chat_engine = engine.PipelineEngine(
+        model.load_pipeline(arguments.load, engine.ChatReplayPipeline), arguments.generate
+    )
+    load_seconds = time.perf_counter() - load_start
+    loaded = chat_engine.describe()
+    log.info("loaded in %.1f s: %s, %s", load_seconds, loaded["dtype"], loaded["device_map"])
+    if not chat_engine.supports_system_role and _has_system_message(conversations):
+        log.warning(
+            "%s's chat template has no system role: system messages are folded into the first "
+            "user turn (system text, a blank line, then the user text)",
+            cfg.model.name,
+        )
+
+    replay_start = time.perf_counter()
+    replayed = []
+    with ChatWriter(paths) as writer, tqdm(total=planned, unit="turn", disable=None) as progress:
+        for conversation in conversations:
+            for sample in range(samples):
+                result = replay_conversation(
+                    conversation,
+                    chat_engine,
+                    cfg.replay.mode,
+                    run_seed=cfg.generation.seed,
+                    sample=sample,
+                    on_turn=lambda _turn: progress.update(),
+                )
+                writer.write(conversation.source, chat_record(result, chat_engine.chat_template_sha256))
+                replayed.append(result)
+    replay_seconds = time.perf_counter() - replay_start
+
+    turns = [turn for result in replayed for turn in result.turns]
+    generated = sum(turn.new_tokens for turn in turns)
+    summary = {
+        "status": "completed",
+        "model": {
+            "name": cfg.model.name,
+            "source": cfg.model.source.value,
+            "location": arguments.load["model"],
+            "revision": cfg.model.revision,
+        },
+        "precision": cfg.precision.dtype.value,
+        "quant": cfg.quant.method.value,
+        "device": cfg.device.kind.value,
+        "loaded": loaded,
+        "replay_mode": cfg.replay.mode.value,
+        "generation": dataclasses.asdict(cfg.generation),
+        "chat_template_sha256": chat_engine.chat_template_sha256,
+        "system_folded": not chat_engine.supports_system_role,
+        "input_files": [str(path) for path in files],
+        "chat_files": [str(path.relative_to(run_dir)) for path in dict.fromkeys(paths.values())],
+        "conversations": len(conversations),
+        "records": len(replayed),
+        "turns": len(turns),
+        "prompt_tokens": sum(turn.prompt_tokens for turn in turns),
+        "generated_tokens": generated,
+        "finish_reasons": {
+            reason: sum(turn.finish_reason == reason for turn in turns) for reason in ("stop", "length")
+        },
+        "load_seconds": round(load_seconds, 3),
+        "replay_seconds": round(replay_seconds, 3),
+        "wall_seconds": round(time.perf_counter() - started, 3),
+        "tokens_per_second": round(generated / replay_seconds, 2) if replay_seconds else 0.0,
+        "peak_memory": {"rss_bytes": peak_rss_bytes(), "cuda_bytes": engine.accelerator_peak_bytes()},
+        "environment": {**environment(), "gpus": engine.accelerator_names()},
+    }
+    write_json_atomically(run_dir / "summary.json", summary)
+    log.info(
+        "done: %d conversation(s), %d turn(s), %d tokens in %.1f s (%.1f tokens/s); outputs in %s",
+        len(conversations),
+        len(turns),
+        generated,
+        replay_seconds,
+        summary["tokens_per_second"],
+        run_dir,
+    )
+    return summary
+
+
+def _has_system_message(conversations: list[Conversation]) -> bool:
+    return any(c.messages[0].role == "system" for c in conversations)

@@ -1,0 +1,208 @@
+"""Read conversation JSONL files, validate every line, and hold them as frozen Conversations.
+
+Everything is checked before any weights load, and every problem in every file is reported as
+`file:line: reason` at once, so a user fixes a bad file in one pass.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from runner.errors import InputError
+
+ROLES = ("system", "user", "assistant")
+# Top-level keys the runner owns in its output records: an input line may not carry them.
+RESERVED_KEYS = ("replay",)
+SYSTEM_FOLD_SEPARATOR = "\n\n"
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One input line: its id, messages, the other keys (carried to the output) and its origin."""
+
+    id: str | int
+    messages: tuple[Message, ...]
+    extra: Mapping[str, Any]
+    source: Path
+    line: int
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
+
+
+class LineError(ValueError):
+    """Why one line is not a valid conversation (the caller adds file and line)."""
+
+
+def resolve_input_files(path: str) -> list[Path]:
+    """A file, a directory (its *.jsonl, sorted) or a glob pattern -> the files to read, in order."""
+    candidate = Path(path).expanduser()
+    if candidate.is_dir():
+        files = sorted(candidate.glob("*.jsonl"))
+        where = f"directory {candidate} has no *.jsonl files"
+    elif candidate.is_file():
+        files = [candidate]
+        where = ""
+    elif glob.has_magic(path):
+        files = sorted(Path(p) for p in glob.glob(str(candidate), recursive=True) if Path(p).is_file())
+        where = f"glob {path!r} matches no files"
+    else:
+        raise InputError([f"{path}: no such file or directory (set input.path=<file, dir or glob>)"])
+    if not files:
+        raise InputError([f"{where} (set input.path=<file, dir or glob>)"])
+    return files
+
+
+def load_conversations(files: Iterable[Path]) -> list[Conversation]:
+    """Read and validate every line of every file; raise InputError listing all problems."""
+    conversations: list[Conversation] = []
+    problems: list[str] = []
+    for path in files:
+        for line_number, raw in _numbered_lines(path):
+            try:
+                conversations.append(parse_conversation(raw, path, line_number))
+            except LineError as error:
+                problems.append(f"{path}:{line_number}: {error}")
+    problems += _duplicate_id_problems(conversations)
+    if problems:
+        raise InputError(problems)
+    return conversations
+
+
+def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """Yield (1-based line number, raw bytes) for non-blank lines; split on b"\\n" only.
+
+    Binary iteration keeps U+2028 and other Unicode line separators inside their record, a CRLF
+    line end loses its "\\r", and a UTF-8 byte-order mark at the start of the file is dropped.
+    """
+    with path.open("rb") as stream:
+        for line_number, raw in enumerate(stream, start=1):
+            if line_number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            raw = raw.rstrip(b"\r\n")
+            if raw.strip():
+                yield line_number, raw
+
+
+def parse_conversation(raw: bytes, source: Path, line: int) -> Conversation:
+    """One JSONL line -> a validated Conversation, or LineError saying what is wrong."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise LineError(f"not valid UTF-8 at byte {error.start} of the line") from None
+    try:
+        record = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constants)
+    except json.JSONDecodeError as error:
+        raise LineError(f"invalid JSON: {error.msg} (column {error.colno})") from None
+    if not isinstance(record, dict):
+        raise LineError(f"expected a JSON object, got {_json_type(record)}")
+    for key in RESERVED_KEYS:
+        if key in record:
+            raise LineError(
+                f"key {key!r} is reserved for the runner's own metadata "
+                f"(is this a runner output? drop it, e.g. jq -c 'del(.{key})')"
+            )
+    conversation_id = record.get("id", f"{source.name}:{line}")
+    if isinstance(conversation_id, bool) or not isinstance(conversation_id, str | int):
+        raise LineError(f"'id' must be a string or an integer, got {_json_type(conversation_id)}")
+    if conversation_id == "":
+        raise LineError("'id' is empty")
+    messages = _parse_messages(record.get("messages"))
+    extra = {key: value for key, value in record.items() if key not in ("id", "messages")}
+    return Conversation(conversation_id, messages, MappingProxyType(extra), source, line)
+
+
+def _parse_messages(value: Any) -> tuple[Message, ...]:
+    if value is None:
+        raise LineError('missing \'messages\' (expected a list of {"role", "content"} objects)')
+    if not isinstance(value, list) or not value:
+        raise LineError("'messages' must be a non-empty list")
+    messages = tuple(_parse_message(index, item) for index, item in enumerate(value))
+    for index, message in enumerate(messages):
+        previous = messages[index - 1].role if index else None
+        if message.role == "system" and index != 0:
+            raise LineError(f"messages[{index}]: a system message may only come first")
+        if message.role == "assistant" and previous != "user":
+            raise LineError(
+                f"messages[{index}]: an assistant message must answer a user message "
+                f"(it follows {previous or 'nothing'})"
+            )
+    if not any(message.role == "user" for message in messages):
+        raise LineError("no user message: nothing to reply to")
+    return messages
+
+
+def _parse_message(index: int, item: Any) -> Message:
+    where = f"messages[{index}]"
+    if not isinstance(item, dict):
+        raise LineError(f"{where}: expected an object, got {_json_type(item)}")
+    unknown = sorted(set(item) - {"role", "content"})
+    if unknown:
+        raise LineError(f"{where}: unsupported key(s) {unknown} (only 'role' and 'content')")
+    role = item.get("role")
+    if role not in ROLES:
+        raise LineError(f"{where}: unknown role {role!r} (allowed: {', '.join(ROLES)})")
+    content = item.get("content")
+    if not isinstance(content, str):
+        raise LineError(f"{where}: 'content' must be a string, got {_json_type(content)}")
+    if not content.strip():
+        raise LineError(f"{where}: 'content' is empty")
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise LineError(f"{where}: 'content' holds a lone surrogate at character {error.start}") from None
+    return Message(role, content)
+
+
+def _duplicate_id_problems(conversations: list[Conversation]) -> list[str]:
+    """Ids must be unique across the whole run; 1 and "1" collide (they print the same)."""
+    places: dict[str, list[str]] = {}
+    for conversation in conversations:
+        places.setdefault(str(conversation.id), []).append(conversation.where)
+    return [
+        f"{where[0]}: duplicate id {key!r}, also at {', '.join(where[1:])}"
+        for key, where in places.items()
+        if len(where) > 1
+    ]
+
+
+def fold_system_message(messages: tuple[Message, ...]) -> tuple[Message, ...]:
+    """For templates without a system role: prepend the system text to the first user turn."""
+    if not messages or messages[0].role != "system":
+        return messages
+    system, first, *rest = messages
+    folded = Message("user", system.content + SYSTEM_FOLD_SEPARATOR + first.content)
+    return (folded, *rest)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    duplicates = sorted(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
+    if duplicates:
+        raise LineError(f"duplicate JSON key(s) {duplicates} in one object")
+    return dict(pairs)
+
+
+def _no_constants(name: str) -> None:
+    raise LineError(f"{name} is not valid JSON (use null or a string)")
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")

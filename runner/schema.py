@@ -1,0 +1,186 @@
+"""Typed run configuration: one dataclass per config group, registered in Hydra's ConfigStore.
+
+Every YAML under conf/ starts from its group's schema, so an unknown key or a wrong type fails at
+compose time; cross-field rules live in `__post_init__` and fail in `to_run_config`. Imports no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from runner.errors import ConfigError
+
+
+class ModelSource(Enum):
+    embedded = "embedded"  # a GGUF shipped inside a Python package, converted once into a cache
+    hub = "hub"  # a Hugging Face hub repository id (+ revision)
+    local = "local"  # a directory holding a transformers checkpoint
+
+
+class Precision(Enum):
+    auto = "auto"  # bf16 on a GPU that supports it, else fp32
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class QuantMethod(Enum):
+    none = "none"
+    int8 = "int8"
+    int4 = "int4"
+
+
+class Int4Type(Enum):
+    nf4 = "nf4"
+    fp4 = "fp4"
+
+
+class DeviceKind(Enum):
+    auto = "auto"  # device_map="auto": GPUs first, then CPU
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class ReplayMode(Enum):
+    regenerate = "regenerate"  # the model's own replies form the history; input replies are references
+    gold_history = "gold_history"  # input replies stay in the history; only unanswered turns generate
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: ModelSource = MISSING
+    id: str | None = None
+    revision: str | None = None
+    path: str | None = None
+    package: str | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        needs = {
+            ModelSource.hub: ("id", "model.id=<org>/<name>"),
+            ModelSource.local: ("path", "model.path=<checkpoint dir>"),
+            ModelSource.embedded: ("package", "model.package=<python package with a .gguf>"),
+        }
+        key, fix = needs[self.source]
+        if not getattr(self, key):
+            raise ConfigError(f"model '{self.name}' has source={self.source.value} but no {key}: set {fix}")
+        if self.revision and self.source is not ModelSource.hub:
+            raise ConfigError(f"model.revision applies to source=hub only (model '{self.name}')")
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: Precision = MISSING
+
+
+@dataclass
+class QuantConfig:
+    method: QuantMethod = MISSING
+    quant_type: Int4Type = Int4Type.nf4
+    double_quant: bool = True
+    compute_dtype: Precision = Precision.auto
+
+
+@dataclass
+class DeviceConfig:
+    kind: DeviceKind = MISSING
+    max_memory: dict[Any, str] = field(default_factory=dict)  # GPU index or "cpu" -> "70GiB"
+
+    def __post_init__(self) -> None:
+        if self.kind is DeviceKind.cpu and self.max_memory:
+            raise ConfigError("device.max_memory applies to device=auto or device=cuda, not device=cpu")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    num_samples: int = 1
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 1, "generation.max_new_tokens must be >= 1"),
+            (
+                0 <= self.min_new_tokens <= self.max_new_tokens,
+                "generation.min_new_tokens must be between 0 and generation.max_new_tokens",
+            ),
+            (self.temperature > 0, "generation.temperature must be > 0"),
+            (0 < self.top_p <= 1, "generation.top_p must be in (0, 1]"),
+            (self.top_k >= 0, "generation.top_k must be >= 0 (0 disables it)"),
+            (self.repetition_penalty > 0, "generation.repetition_penalty must be > 0"),
+            (self.num_samples >= 1, "generation.num_samples must be >= 1"),
+            (
+                self.num_samples == 1 or self.do_sample,
+                "generation.num_samples > 1 gives identical copies under greedy decoding: "
+                "use generation=sampling",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+@dataclass
+class InputConfig:
+    path: str = MISSING
+
+
+@dataclass
+class ReplayConfig:
+    mode: ReplayMode = ReplayMode.regenerate
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = MISSING
+    precision: PrecisionConfig = MISSING
+    quant: QuantConfig = MISSING
+    device: DeviceConfig = MISSING
+    generation: GenerationConfig = MISSING
+    input: InputConfig = field(default_factory=InputConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    cache_dir: str = MISSING
+
+
+GROUP_SCHEMAS = {
+    "model": ModelConfig,
+    "precision": PrecisionConfig,
+    "quant": QuantConfig,
+    "device": DeviceConfig,
+    "generation": GenerationConfig,
+}
+
+
+def register_configs() -> None:
+    """Store the schemas so that conf/ YAMLs can name them in their defaults lists."""
+    store = ConfigStore.instance()
+    store.store(name="config_schema", node=RunConfig)
+    for group, schema in GROUP_SCHEMAS.items():
+        store.store(group=group, name=f"{group}_schema", node=schema)
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Turn the composed config into typed objects, running every cross-field check."""
+    try:
+        run_config = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as error:
+        # to_object wraps exceptions raised in __post_init__; surface ours as they are.
+        cause = error.__cause__ or error.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise ConfigError(f"invalid configuration: {error}") from None
+    assert isinstance(run_config, RunConfig)
+    return run_config

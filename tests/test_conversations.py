@@ -1,0 +1,137 @@
+"""Reading and validating conversation JSONL: what is accepted, and each rejection's message."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import chat
+
+from runner.conversations import (
+    Message,
+    fold_system_message,
+    load_conversations,
+    resolve_input_files,
+)
+from runner.errors import InputError
+
+GOOD = chat("a", ("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye"))
+
+
+def test_reads_messages_ids_and_extra_keys(write_jsonl):
+    path = write_jsonl([GOOD, chat(7, ("user", "Only a question"), category="qa", score=[1, 2])])
+    first, second = load_conversations([path])
+    assert first.id == "a" and second.id == 7
+    assert first.messages == (
+        Message("system", "Be brief."),
+        Message("user", "Hi"),
+        Message("assistant", "Hello!"),
+        Message("user", "Bye"),
+    )
+    assert dict(second.extra) == {"category": "qa", "score": [1, 2]}
+    assert (first.source, first.line, second.line) == (path, 1, 2)
+
+
+def test_bom_crlf_blank_lines_and_unicode_separators(tmp_path):
+    record = json.dumps(chat("u", ("user", "one\u2028two\u2029three")), ensure_ascii=False)
+    path = tmp_path / "dirty.jsonl"
+    path.write_bytes(
+        b"\xef\xbb\xbf" + record.encode() + b"\r\n\r\n   \n" + json.dumps(GOOD).encode() + b"\r\n"
+    )
+    first, second = load_conversations([path])
+    assert first.messages[0].content == "one\u2028two\u2029three"
+    assert (first.line, second.line) == (1, 4)
+
+
+def test_conversation_without_id_gets_its_file_and_line(write_jsonl):
+    path = write_jsonl([{"messages": [{"role": "user", "content": "hi"}]}], name="noid.jsonl")
+    [conversation] = load_conversations([path])
+    assert conversation.id == "noid.jsonl:1"
+
+
+BAD_LINES = [
+    (b'{"id": 1, "messages": [', "invalid JSON: Expecting value (column 24)"),
+    (b"[1, 2]", "expected a JSON object, got a list"),
+    (b'{"id": 1}', "missing 'messages'"),
+    (b'{"id": 1, "messages": []}', "'messages' must be a non-empty list"),
+    (
+        json.dumps(chat(1, ("robot", "beep"))).encode(),
+        "unknown role 'robot' (allowed: system, user, assistant)",
+    ),
+    (b'{"id": 1, "messages": [{"role": "user", "content": null}]}', "'content' must be a string, got null"),
+    (b'{"id": 1, "messages": [{"role": "user", "content": 5}]}', "'content' must be a string, got a number"),
+    (json.dumps(chat(1, ("user", "  "))).encode(), "messages[0]: 'content' is empty"),
+    (json.dumps(chat(1, ("system", "s"))).encode(), "no user message"),
+    (json.dumps(chat(1, ("user", "q"), ("system", "s"))).encode(), "a system message may only come first"),
+    (json.dumps(chat(1, ("assistant", "hi"), ("user", "q"))).encode(), "must answer a user message"),
+    (
+        json.dumps(chat(1, ("user", "q"), ("assistant", "a"), ("assistant", "b"))).encode(),
+        "follows assistant",
+    ),
+    (
+        b'{"id": 1, "messages": [{"role": "user", "content": "q", "name": "x"}]}',
+        "unsupported key(s) ['name']",
+    ),
+    (b'{"id": true, "messages": [{"role": "user", "content": "q"}]}', "'id' must be a string or an integer"),
+    (b'{"id": 1, "id": 2, "messages": [{"role": "user", "content": "q"}]}', "duplicate JSON key(s) ['id']"),
+    (b'{"id": 1, "w": NaN, "messages": [{"role": "user", "content": "q"}]}', "NaN is not valid JSON"),
+    (b'{"id": 1, "messages": [{"role": "user", "content": "caf\xe9"}]}', "not valid UTF-8 at byte 55"),
+    (b'{"id": 1, "messages": [{"role": "user", "content": "x\\ud800"}]}', "lone surrogate at character 1"),
+    (json.dumps({**GOOD, "replay": {}}).encode(), "key 'replay' is reserved"),
+]
+
+
+@pytest.mark.parametrize(("line", "reason"), BAD_LINES, ids=[reason for _, reason in BAD_LINES])
+def test_each_bad_line_is_reported_with_file_line_and_reason(write_jsonl, line, reason):
+    path = write_jsonl([GOOD | {"id": "ok"}, line])
+    with pytest.raises(InputError) as caught:
+        load_conversations([path])
+    [problem] = caught.value.problems
+    assert problem.startswith(f"{path}:2: ")
+    assert reason in problem
+
+
+def test_every_problem_in_every_file_is_listed_at_once(write_jsonl):
+    first = write_jsonl([b"not json", GOOD], name="one.jsonl")
+    second = write_jsonl([chat("a", ("user", "dup id")), b"{}", chat(1, ("user", "x"))], name="two.jsonl")
+    third = write_jsonl([chat("1", ("user", "collides with 1"))], name="three.jsonl")
+    with pytest.raises(InputError) as caught:
+        load_conversations([first, second, third])
+    assert caught.value.problems == [
+        f"{first}:1: invalid JSON: Expecting value (column 1)",
+        f'{second}:2: missing \'messages\' (expected a list of {{"role", "content"}} objects)',
+        f"{first}:2: duplicate id 'a', also at {second}:1",
+        f"{second}:3: duplicate id '1', also at {third}:1",
+    ]
+    assert "3 problem(s)" not in str(caught.value) and "4 problem(s) in the input" in str(caught.value)
+
+
+def test_input_path_file_directory_and_glob(tmp_path):
+    (tmp_path / "b.jsonl").write_text("")
+    (tmp_path / "a.jsonl").write_text("")
+    (tmp_path / "notes.txt").write_text("")
+    assert resolve_input_files(str(tmp_path)) == [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    assert resolve_input_files(str(tmp_path / "b.jsonl")) == [tmp_path / "b.jsonl"]
+    assert resolve_input_files(str(tmp_path / "*.jsonl")) == [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    with pytest.raises(InputError, match="no such file or directory"):
+        resolve_input_files(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(InputError, match="matches no files"):
+        resolve_input_files(str(tmp_path / "*.json"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match=r"has no \*\.jsonl files"):
+        resolve_input_files(str(tmp_path / "empty"))
+
+
+def test_empty_file_gives_no_conversations(write_jsonl):
+    path = write_jsonl([])
+    path.write_bytes(b"")
+    assert load_conversations([path]) == []
+
+
+def test_fold_system_message_into_the_first_user_turn():
+    messages = (Message("system", "Be a pirate."), Message("user", "Hi"), Message("assistant", "Arr"))
+    assert fold_system_message(messages) == (
+        Message("user", "Be a pirate.\n\nHi"),
+        Message("assistant", "Arr"),
+    )
+    assert fold_system_message(messages[1:]) == messages[1:]
