@@ -63,16 +63,30 @@ class ModelConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        needs = {
-            ModelSource.hub: ("id", "model.id=<org>/<name>"),
-            ModelSource.local: ("path", "model.path=<checkpoint dir>"),
-            ModelSource.embedded: ("package", "model.package=<python package with a .gguf>"),
-        }
-        key, fix = needs[self.source]
-        if not getattr(self, key):
-            raise ConfigError(f"model '{self.name}' has source={self.source.value} but no {key}: set {fix}")
-        if self.revision and self.source is not ModelSource.hub:
-            raise ConfigError(f"model.revision applies to source=hub only (model '{self.name}')")
+        required = {ModelSource.hub: "id", ModelSource.local: "path", ModelSource.embedded: "package"}[
+            self.source
+        ]
+        if not getattr(self, required):
+            raise ConfigError(
+                f"model '{self.name}' has source={self.source.value} but no {required}: "
+                f"set model.{required}=... ({_SOURCE_KEYS[required]})"
+            )
+        # A key of another source would be silently ignored: say which preset the user meant.
+        for key, owner in _SOURCE_KEYS.items():
+            belongs_here = key == required or (key == "revision" and self.source is ModelSource.hub)
+            if getattr(self, key) and not belongs_here:
+                raise ConfigError(
+                    f"model.{key} does not apply to model '{self.name}' (source={self.source.value}): "
+                    f"it is for {owner}"
+                )
+
+
+_SOURCE_KEYS = {
+    "id": "model=hub model.id=<org>/<name>",
+    "revision": "model=hub, to pin a commit",
+    "path": "model=local model.path=<checkpoint dir>",
+    "package": "source=embedded, a Python package holding a .gguf",
+}
 
 
 @dataclass

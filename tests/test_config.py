@@ -225,9 +225,12 @@ def test_unknown_keys_and_wrong_types_fail_at_compose_time(compose_config, overr
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["model=hub"], "no id: set model.id"),
-        (["model=local"], "no path: set model.path"),
-        (["model.revision=abc"], "revision applies to source=hub only"),
+        (["model=hub"], "no id: set model.id="),
+        (["model=local"], "no path: set model.path=..."),
+        (["model.revision=abc"], "model.revision does not apply to model 'smollm2_135m'"),
+        (["model.path=/data/ckpt"], "it is for model=local model.path=<checkpoint dir>"),
+        (["model=llama3_8b", "model.path=/data/ckpt"], "model.path does not apply to model 'llama3_8b'"),
+        (["model=local", "model.path=/x", "model.id=org/x"], "it is for model=hub model.id="),
         (["generation.num_samples=3"], "use generation=sampling"),
         (["generation.min_new_tokens=300"], "min_new_tokens must be between"),
         (["generation=sampling", "generation.top_p=0"], "top_p must be in"),
