@@ -31,7 +31,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     """Replay every input conversation through the configured model into `run_dir`."""
     started = time.perf_counter()
     files = resolve_input_files(cfg.input.path)
-    conversations = load_conversations(files)
+    conversations = load_conversations(files, cfg.input.format)
     paths = chat_paths(run_dir, files)
     if any(path.exists() for path in paths.values()):
         raise RunnerError(f"{run_dir} already holds chats from an earlier run: pick a new hydra.run.dir")

@@ -16,11 +16,19 @@ from types import MappingProxyType
 from typing import Any
 
 from runner.errors import InputError
+from runner.schema import InputFormat
 
 ROLES = ("system", "user", "assistant")
 # Top-level keys the runner owns in its output records: an input line may not carry them.
 RESERVED_KEYS = ("replay",)
 SYSTEM_FOLD_SEPARATOR = "\n\n"
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
 
 
 @dataclass(frozen=True)
@@ -70,14 +78,14 @@ def resolve_input_files(path: str) -> list[Path]:
     return files
 
 
-def load_conversations(files: Iterable[Path]) -> list[Conversation]:
+def load_conversations(files: Iterable[Path], form: InputFormat = InputFormat.auto) -> list[Conversation]:
     """Read and validate every line of every file; raise InputError listing all problems."""
     conversations: list[Conversation] = []
     problems: list[str] = []
     for path in files:
         for line_number, raw in _numbered_lines(path):
             try:
-                conversations.append(parse_conversation(raw, path, line_number))
+                conversations.append(parse_conversation(raw, path, line_number, form))
             except LineError as error:
                 problems.append(f"{path}:{line_number}: {error}")
     problems += _duplicate_id_problems(conversations)
@@ -101,7 +109,9 @@ def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
                 yield line_number, raw
 
 
-def parse_conversation(raw: bytes, source: Path, line: int) -> Conversation:
+def parse_conversation(
+    raw: bytes, source: Path, line: int, form: InputFormat = InputFormat.auto
+) -> Conversation:
     """One JSONL line -> a validated Conversation, or LineError saying what is wrong."""
     try:
         text = raw.decode("utf-8")
@@ -119,29 +129,77 @@ def parse_conversation(raw: bytes, source: Path, line: int) -> Conversation:
                 f"key {key!r} is reserved for the runner's own metadata "
                 f"(is this a runner output? drop it, e.g. jq -c 'del(.{key})')"
             )
-    conversation_id = record.get("id", f"{source.name}:{line}")
+    form = _detect_format(record) if form is InputFormat.auto else form
+    messages_key = FORMAT_KEYS[form]
+    default_id = record.get("question_id") if form is InputFormat.turns else None
+    conversation_id = record.get("id", default_id if default_id is not None else f"{source.name}:{line}")
     if isinstance(conversation_id, bool) or not isinstance(conversation_id, str | int):
         raise LineError(f"'id' must be a string or an integer, got {_json_type(conversation_id)}")
     if conversation_id == "":
         raise LineError("'id' is empty")
-    messages = _parse_messages(record.get("messages"))
-    extra = {key: value for key, value in record.items() if key not in ("id", "messages")}
+    messages = _validate_order(FORMAT_PARSERS[form](record.get(messages_key), messages_key))
+    extra = {key: value for key, value in record.items() if key not in ("id", messages_key)}
     return Conversation(conversation_id, messages, MappingProxyType(extra), source, line)
 
 
-def _parse_messages(value: Any) -> tuple[Message, ...]:
-    if value is None:
-        raise LineError('missing \'messages\' (expected a list of {"role", "content"} objects)')
+def _detect_format(record: dict[str, Any]) -> InputFormat:
+    found = [form for form, key in FORMAT_KEYS.items() if key in record]
+    if len(found) != 1:
+        keys = " or ".join(repr(key) for key in FORMAT_KEYS.values())
+        what = "none" if not found else " and ".join(repr(FORMAT_KEYS[form]) for form in found)
+        raise LineError(f"expected exactly one of {keys} (found {what}); input.format=... forces one")
+    return found[0]
+
+
+def _parse_turns(value: Any, key: str) -> tuple[Message, ...]:
+    """MT-bench style: a list of user turns."""
     if not isinstance(value, list) or not value:
-        raise LineError("'messages' must be a non-empty list")
-    messages = tuple(_parse_message(index, item) for index, item in enumerate(value))
+        raise LineError(f"{_missing_or(value, key)} must be a non-empty list of user turns")
+    return tuple(Message("user", _text(f"{key}[{index}]", turn)) for index, turn in enumerate(value))
+
+
+def _parse_sharegpt(value: Any, key: str) -> tuple[Message, ...]:
+    """ShareGPT style: {"from": "system" | "human" | "gpt", "value": ...}."""
+    if not isinstance(value, list) or not value:
+        raise LineError(f'{_missing_or(value, key)} must be a non-empty list of {{"from", "value"}} objects')
+    messages = []
+    for index, item in enumerate(value):
+        where = f"{key}[{index}]"
+        if not isinstance(item, dict):
+            raise LineError(f"{where}: expected an object, got {_json_type(item)}")
+        unknown = sorted(set(item) - {"from", "value"})
+        if unknown:
+            raise LineError(f"{where}: unsupported key(s) {unknown} (only 'from' and 'value')")
+        role = SHAREGPT_ROLES.get(item.get("from"))
+        if role is None:
+            allowed = ", ".join(SHAREGPT_ROLES)
+            raise LineError(f"{where}: unknown 'from' {item.get('from')!r} (allowed: {allowed})")
+        messages.append(Message(role, _text(where, item.get("value"), "value")))
+    return tuple(messages)
+
+
+def _parse_openai(value: Any, key: str) -> tuple[Message, ...]:
+    """OpenAI style: {"role", "content"}, content a string or a list of text parts."""
+    if not isinstance(value, list) or not value:
+        raise LineError(
+            f'{_missing_or(value, key)} must be a non-empty list of {{"role", "content"}} objects'
+        )
+    return tuple(_parse_message(index, item) for index, item in enumerate(value))
+
+
+def _missing_or(value: Any, key: str) -> str:
+    return f"missing {key!r}:" if value is None else f"{key!r}"
+
+
+def _validate_order(messages: tuple[Message, ...]) -> tuple[Message, ...]:
+    """System first if at all, every assistant answering a user, and at least one user message."""
     for index, message in enumerate(messages):
         previous = messages[index - 1].role if index else None
         if message.role == "system" and index != 0:
-            raise LineError(f"messages[{index}]: a system message may only come first")
+            raise LineError(f"message {index}: a system message may only come first")
         if message.role == "assistant" and previous != "user":
             raise LineError(
-                f"messages[{index}]: an assistant message must answer a user message "
+                f"message {index}: an assistant message must answer a user message "
                 f"(it follows {previous or 'nothing'})"
             )
     if not any(message.role == "user" for message in messages):
@@ -160,15 +218,34 @@ def _parse_message(index: int, item: Any) -> Message:
     if role not in ROLES:
         raise LineError(f"{where}: unknown role {role!r} (allowed: {', '.join(ROLES)})")
     content = item.get("content")
+    if isinstance(content, list):
+        content = _join_text_parts(where, content)
+    return Message(role, _text(where, content))
+
+
+def _join_text_parts(where: str, parts: list[Any]) -> str:
+    """OpenAI content parts: text parts are concatenated, as chat templates render them."""
+    texts = []
+    for index, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            shown = repr(kind) if kind is not None else _json_type(part)
+            raise LineError(f"{where}: content part {index} is {shown}; only {{'type': 'text', 'text': ...}}")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _text(where: str, content: Any, key: str = "content") -> str:
+    """A message text: a non-empty string that UTF-8 can encode."""
     if not isinstance(content, str):
-        raise LineError(f"{where}: 'content' must be a string, got {_json_type(content)}")
+        raise LineError(f"{where}: {key!r} must be a string, got {_json_type(content)}")
     if not content.strip():
-        raise LineError(f"{where}: 'content' is empty")
+        raise LineError(f"{where}: {key!r} is empty")
     try:
         content.encode("utf-8")
     except UnicodeEncodeError as error:
-        raise LineError(f"{where}: 'content' holds a lone surrogate at character {error.start}") from None
-    return Message(role, content)
+        raise LineError(f"{where}: {key!r} holds a lone surrogate at character {error.start}") from None
+    return content
 
 
 def _duplicate_id_problems(conversations: list[Conversation]) -> list[str]:
@@ -206,3 +283,15 @@ def _no_constants(name: str) -> None:
 def _json_type(value: Any) -> str:
     names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
     return names.get(type(value), "a number")
+
+
+FORMAT_KEYS = {
+    InputFormat.messages: "messages",
+    InputFormat.sharegpt: "conversations",
+    InputFormat.turns: "turns",
+}
+FORMAT_PARSERS = {
+    InputFormat.messages: _parse_openai,
+    InputFormat.sharegpt: _parse_sharegpt,
+    InputFormat.turns: _parse_turns,
+}

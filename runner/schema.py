@@ -47,6 +47,13 @@ class DeviceKind(Enum):
     cuda = "cuda"
 
 
+class InputFormat(Enum):
+    auto = "auto"  # detected per line from its keys
+    messages = "messages"  # OpenAI: {"id", "messages": [{"role", "content"}]}
+    sharegpt = "sharegpt"  # ShareGPT: {"id", "conversations": [{"from", "value"}]}
+    turns = "turns"  # MT-bench: {"question_id", "turns": [user turn, ...]}
+
+
 class ReplayMode(Enum):
     regenerate = "regenerate"  # the model's own replies form the history; input replies are references
     gold_history = "gold_history"  # input replies stay in the history; only unanswered turns generate
@@ -150,6 +157,7 @@ class GenerationConfig:
 @dataclass
 class InputConfig:
     path: str = MISSING
+    format: InputFormat = InputFormat.auto
 
 
 @dataclass

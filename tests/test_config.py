@@ -70,7 +70,7 @@ def test_default_config(compose_config):
             "seed": 0,
             "num_samples": 1,
         },
-        "input": {"path": "conversations"},
+        "input": {"path": "conversations", "format": "auto"},
         "replay": {"mode": "regenerate"},
         "cache_dir": "${oc.env:CHAT_RUNNER_CACHE,'~/.cache/chat-runner'}",
     }

@@ -14,6 +14,7 @@ from runner.conversations import (
     resolve_input_files,
 )
 from runner.errors import InputError
+from runner.schema import InputFormat
 
 GOOD = chat("a", ("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye"))
 
@@ -43,6 +44,57 @@ def test_bom_crlf_blank_lines_and_unicode_separators(tmp_path):
     assert (first.line, second.line) == (1, 4)
 
 
+def test_sharegpt_turns_and_text_parts_become_messages(write_jsonl):
+    path = write_jsonl(
+        [
+            {
+                "id": "s",
+                "conversations": [
+                    {"from": "system", "value": "Be kind."},
+                    {"from": "human", "value": "Hi"},
+                    {"from": "gpt", "value": "Hello"},
+                    {"from": "human", "value": "Bye"},
+                ],
+            },
+            {
+                "question_id": 81,
+                "category": "writing",
+                "turns": ["Write a poem.", "Shorter."],
+                "reference": ["x"],
+            },
+            {
+                "id": "p",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "world"}],
+                    }
+                ],
+            },
+        ]
+    )
+    sharegpt, mt_bench, parts = load_conversations([path])
+    assert [(m.role, m.content) for m in sharegpt.messages] == [
+        ("system", "Be kind."),
+        ("user", "Hi"),
+        ("assistant", "Hello"),
+        ("user", "Bye"),
+    ]
+    assert mt_bench.id == 81
+    assert mt_bench.messages == (Message("user", "Write a poem."), Message("user", "Shorter."))
+    assert dict(mt_bench.extra) == {"question_id": 81, "category": "writing", "reference": ["x"]}
+    assert parts.messages == (Message("user", "Hello, world"),)
+
+
+def test_forced_format_reads_only_that_key(write_jsonl):
+    path = write_jsonl([{"id": 1, "turns": ["q"], "messages": "kept as an extra key"}])
+    [conversation] = load_conversations([path], InputFormat.turns)
+    assert conversation.messages == (Message("user", "q"),)
+    assert conversation.extra["messages"] == "kept as an extra key"
+    with pytest.raises(InputError, match="missing 'conversations'"):
+        load_conversations([path], InputFormat.sharegpt)
+
+
 def test_conversation_without_id_gets_its_file_and_line(write_jsonl):
     path = write_jsonl([{"messages": [{"role": "user", "content": "hi"}]}], name="noid.jsonl")
     [conversation] = load_conversations([path])
@@ -52,8 +104,22 @@ def test_conversation_without_id_gets_its_file_and_line(write_jsonl):
 BAD_LINES = [
     (b'{"id": 1, "messages": [', "invalid JSON: Expecting value (column 24)"),
     (b"[1, 2]", "expected a JSON object, got a list"),
-    (b'{"id": 1}', "missing 'messages'"),
+    (b'{"id": 1}', "expected exactly one of 'messages' or 'conversations' or 'turns' (found none)"),
+    (b'{"id": 1, "messages": [], "turns": ["q"]}', "(found 'messages' and 'turns')"),
     (b'{"id": 1, "messages": []}', "'messages' must be a non-empty list"),
+    (b'{"id": 1, "turns": ["q", ""]}', "turns[1]: 'content' is empty"),
+    (
+        b'{"id": 1, "conversations": [{"from": "bot", "value": "q"}]}',
+        "unknown 'from' 'bot' (allowed: system,",
+    ),
+    (
+        b'{"id": 1, "conversations": [{"from": "human", "value": 3}]}',
+        "'value' must be a string, got a number",
+    ),
+    (
+        b'{"id": 1, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}',
+        "content part 0 is 'image_url'; only {'type': 'text', 'text': ...}",
+    ),
     (
         json.dumps(chat(1, ("robot", "beep"))).encode(),
         "unknown role 'robot' (allowed: system, user, assistant)",
@@ -99,7 +165,8 @@ def test_every_problem_in_every_file_is_listed_at_once(write_jsonl):
         load_conversations([first, second, third])
     assert caught.value.problems == [
         f"{first}:1: invalid JSON: Expecting value (column 1)",
-        f'{second}:2: missing \'messages\' (expected a list of {{"role", "content"}} objects)',
+        f"{second}:2: expected exactly one of 'messages' or 'conversations' or 'turns' (found none); "
+        "input.format=... forces one",
         f"{first}:2: duplicate id 'a', also at {second}:1",
         f"{second}:3: duplicate id '1', also at {third}:1",
     ]
