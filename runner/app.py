@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,7 @@ from runner.outputs import (
     peak_rss_bytes,
     write_json_atomically,
 )
-from runner.replay import replay_conversation, replies_to_generate
+from runner.replay import replay_all, replies_to_generate
 from runner.schema import ModelSource, RunConfig
 
 log = logging.getLogger(__name__)
@@ -51,9 +54,10 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         embedded_dir = model.embedded_checkpoint(cfg.model.package, Path(cfg.cache_dir).expanduser())
     arguments = model.transformers_arguments(cfg, hardware, embedded_dir)
     log.info("loading %s (%s)", cfg.model.name, arguments.load["model"])
-    chat_engine = engine.PipelineEngine(
-        model.load_pipeline(arguments.load, engine.ChatReplayPipeline), arguments.generate
-    )
+    pipe = model.load_pipeline(arguments.load, engine.ChatReplayPipeline)
+    batch_size = model.resolve_batch_size(cfg, hardware)
+    chat_engine = engine.create_engine(cfg, pipe, arguments.generate, batch_size)
+    configured_batch_size = chat_engine.batch_size
     load_seconds = time.perf_counter() - load_start
     loaded = chat_engine.describe()
     log.info("loaded in %.1f s: %s, %s", load_seconds, loaded["dtype"], loaded["device_map"])
@@ -65,23 +69,23 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         )
 
     replay_start = time.perf_counter()
-    replayed = []
+    records, turns, errors = 0, [], Counter()  # aggregates only: memory must not grow with the input
     with ChatWriter(paths) as writer, tqdm(total=planned, unit="turn", disable=None) as progress:
-        for conversation in conversations:
-            for sample in range(samples):
-                result = replay_conversation(
-                    conversation,
-                    chat_engine,
-                    cfg.replay.mode,
-                    run_seed=cfg.generation.seed,
-                    sample=sample,
-                    on_turn=lambda _turn: progress.update(),
-                )
-                writer.write(conversation.source, chat_record(result, chat_engine.chat_template_sha256))
-                replayed.append(result)
+        for result in replay_all(
+            conversations,
+            chat_engine,
+            cfg.replay.mode,
+            run_seed=cfg.generation.seed,
+            samples=samples,
+            on_turn=lambda _turn: progress.update(),
+        ):
+            writer.write(result.conversation.source, chat_record(result, chat_engine.chat_template_sha256))
+            records += 1
+            turns.extend(result.turns)
+            if result.error is not None:
+                errors[result.error.code] += 1
     replay_seconds = time.perf_counter() - replay_start
 
-    turns = [turn for result in replayed for turn in result.turns]
     generated = sum(turn.new_tokens for turn in turns)
     summary = {
         "status": "completed",
@@ -95,6 +99,9 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         "quant": cfg.quant.method.value,
         "device": cfg.device.kind.value,
         "loaded": loaded,
+        "engine": cfg.engine.kind.value,
+        "batch_size": {"configured": configured_batch_size, "final": chat_engine.batch_size},
+        "cache": chat_engine.stats,
         "replay_mode": cfg.replay.mode.value,
         "generation": dataclasses.asdict(cfg.generation),
         "chat_template_sha256": chat_engine.chat_template_sha256,
@@ -102,17 +109,18 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         "input_files": [str(path) for path in files],
         "chat_files": [str(path.relative_to(run_dir)) for path in dict.fromkeys(paths.values())],
         "conversations": len(conversations),
-        "records": len(replayed),
+        "records": records,
         "turns": len(turns),
+        "errors": dict(errors),
         "prompt_tokens": sum(turn.prompt_tokens for turn in turns),
         "generated_tokens": generated,
-        "finish_reasons": {
-            reason: sum(turn.finish_reason == reason for turn in turns) for reason in ("stop", "length")
-        },
+        "finish_reasons": dict(Counter(turn.finish_reason for turn in turns)),
         "load_seconds": round(load_seconds, 3),
         "replay_seconds": round(replay_seconds, 3),
         "wall_seconds": round(time.perf_counter() - started, 3),
         "tokens_per_second": round(generated / replay_seconds, 2) if replay_seconds else 0.0,
+        "turn_seconds": _percentiles(turn.seconds for turn in turns),
+        "first_token_seconds": _percentiles(turn.first_token_seconds for turn in turns),
         "peak_memory": {"rss_bytes": peak_rss_bytes(), "cuda_bytes": engine.accelerator_peak_bytes()},
         "environment": {**environment(), "gpus": engine.accelerator_names()},
     }
@@ -127,6 +135,14 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         run_dir,
     )
     return summary
+
+
+def _percentiles(values: Iterable[float]) -> dict[str, float | None]:
+    """p50 and p95 (nearest rank) of per-turn timings; None when there are no turns."""
+    ordered = sorted(values)
+    if not ordered:
+        return {"p50": None, "p95": None}
+    return {f"p{q}": round(ordered[math.ceil(q / 100 * len(ordered)) - 1], 4) for q in (50, 95)}
 
 
 def _has_system_message(conversations: list[Conversation]) -> bool:

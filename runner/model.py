@@ -16,7 +16,7 @@ import torch
 from transformers import BitsAndBytesConfig
 
 from runner.errors import ConfigError, ModelLoadError
-from runner.schema import DeviceKind, ModelSource, Precision, QuantMethod, RunConfig
+from runner.schema import DeviceKind, EngineKind, ModelSource, Precision, QuantMethod, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,21 @@ def transformers_arguments(
     if model_kwargs:
         load["model_kwargs"] = model_kwargs
     return TransformersArguments(load=load, generate=_generate_arguments(cfg))
+
+
+# engine.batch_size=auto: what benchmarks/throughput.py found best on a 2-core CPU; on a GPU a
+# larger start, which the batched engine halves on out-of-memory.
+AUTO_BATCH_SIZE = {"cpu": 16, "cuda": 64}
+
+
+def resolve_batch_size(cfg: RunConfig, hardware: Hardware) -> int:
+    """engine.batch_size as a number: pipeline is always 1; auto depends on the hardware."""
+    if cfg.engine.kind is EngineKind.pipeline:
+        return 1
+    if cfg.engine.batch_size != "auto":
+        return cfg.engine.batch_size
+    on_gpu = hardware.cuda_devices > 0 and cfg.device.kind is not DeviceKind.cpu
+    return AUTO_BATCH_SIZE["cuda" if on_gpu else "cpu"]
 
 
 def _device_map(cfg: RunConfig, hardware: Hardware) -> str:

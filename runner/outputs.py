@@ -87,12 +87,16 @@ def chat_record(replayed: ReplayedConversation, chat_template_sha256: str) -> di
             "seed": replayed.seed,
             "system_folded": replayed.system_folded,
             "chat_template_sha256": chat_template_sha256,
+            "error": None
+            if replayed.error is None
+            else {"code": replayed.error.code, "message": replayed.error.message, **replayed.error.details},
             "turns": [
                 {
                     "message_index": turn.message_index,
                     "prompt_tokens": turn.prompt_tokens,
                     "new_tokens": turn.new_tokens,
                     "seconds": round(turn.seconds, 4),
+                    "first_token_seconds": round(turn.first_token_seconds, 4),
                     "finish_reason": turn.finish_reason,
                     "reference": turn.reference,
                 }

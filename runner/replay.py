@@ -1,20 +1,43 @@
-"""The turn-by-turn replay of one conversation through an engine; no file I/O, no torch.
+"""Turn-by-turn replay of conversations through an engine, many at a time; no file I/O, no torch.
 
 `regenerate`: every user message gets a generated reply, and the history holds the model's own
 replies; an input reply to that user message becomes the turn's `reference`.
 `gold_history`: input replies stay in the history (teacher forcing); only user messages without a
 reply get a generated one.
+
+Conversations are independent and the turns of one are sequential, so `replay_all` keeps a window
+of conversations in flight and hands the engine batches of their pending turns; a conversation's
+next turn is pending as soon as its previous reply is in. Results come out in input order.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from runner.conversations import Conversation, Message, fold_system_message
 from runner.schema import ReplayMode
+
+
+@dataclass(frozen=True)
+class Request:
+    """One turn to generate: the prompt messages (ending in a user message) and its seed.
+
+    `stream` names the (conversation, sample) it belongs to, and `continues` says whether that
+    conversation has more turns after this one: an engine may keep state for its next turn.
+    """
+
+    messages: tuple[Message, ...]
+    seed: int
+    stream: int = 0
+    continues: bool = False
+
+    @property
+    def length_hint(self) -> int:
+        """A cheap stand-in for the prompt's token count, to group similar lengths in a batch."""
+        return sum(len(message.content) for message in self.messages)
 
 
 @dataclass(frozen=True)
@@ -25,14 +48,25 @@ class Reply:
     prompt_tokens: int
     new_tokens: int
     finish_reason: str  # "stop" (an eos token) or "length" (max_new_tokens reached)
-    seconds: float
+    seconds: float  # from the start of the generate call that produced it to its end
+    first_token_seconds: float  # from that start to the first new token
+
+
+@dataclass(frozen=True)
+class TurnError:
+    """A turn that cannot be generated; the conversation stops there and the run goes on."""
+
+    code: str  # stable: "context_overflow", "out_of_memory"
+    message: str
+    details: dict[str, Any]
 
 
 class Engine(Protocol):
     supports_system_role: bool
+    batch_size: int
 
-    def generate(self, messages: Sequence[Message], seed: int) -> Reply:
-        """Reply to `messages` (ending in a user message); `seed` seeds sampling."""
+    def generate(self, requests: Sequence[Request]) -> list[Reply | TurnError]:
+        """One reply (or error) per request, in order; at most `batch_size` requests."""
         ...
 
 
@@ -44,6 +78,7 @@ class Turn:
     prompt_tokens: int
     new_tokens: int
     seconds: float
+    first_token_seconds: float
     finish_reason: str
     reference: str | None
 
@@ -56,6 +91,7 @@ class ReplayedConversation:
     messages: tuple[Message, ...]
     turns: tuple[Turn, ...]
     system_folded: bool
+    error: TurnError | None = None
 
 
 def trajectory_seed(run_seed: int, conversation_id: str | int, sample: int) -> int:
@@ -65,12 +101,13 @@ def trajectory_seed(run_seed: int, conversation_id: str | int, sample: int) -> i
 
 
 def replies_to_generate(conversation: Conversation, mode: ReplayMode) -> int:
-    """How many replies `replay_conversation` will generate (for progress totals)."""
-    return sum(1 for _ in _reply_points(conversation.messages, mode))
+    """How many replies the replay will generate (for progress totals)."""
+    return len(_reply_points(conversation.messages, mode))
 
 
-def _reply_points(messages: tuple[Message, ...], mode: ReplayMode):
-    """Yield (index of a user message to answer, its input reply or None)."""
+def _reply_points(messages: tuple[Message, ...], mode: ReplayMode) -> dict[int, Message | None]:
+    """Index of each user message to answer -> its input reply (or None)."""
+    points = {}
     for index, message in enumerate(messages):
         if message.role != "user":
             continue
@@ -78,43 +115,168 @@ def _reply_points(messages: tuple[Message, ...], mode: ReplayMode):
         reply = following if following is not None and following.role == "assistant" else None
         if mode is ReplayMode.gold_history and reply is not None:
             continue
-        yield index, reply
+        points[index] = reply
+    return points
 
 
-def replay_conversation(
-    conversation: Conversation,
+class ConversationReplay:
+    """One (conversation, sample) replayed step by step: `pending` is the turn to generate next."""
+
+    def __init__(
+        self,
+        conversation: Conversation,
+        mode: ReplayMode,
+        *,
+        run_seed: int,
+        sample: int,
+        fold: bool,
+        stream: int = 0,
+    ):
+        self.conversation = conversation
+        self.stream = stream
+        self.sample = sample
+        self.seed = trajectory_seed(run_seed, conversation.id, sample)
+        self.fold = fold and conversation.messages[0].role == "system"
+        self._keep_input_replies = mode is ReplayMode.gold_history
+        self._answer_at = _reply_points(conversation.messages, mode)
+        self._next = 0  # next input message to take into the history
+        self.history: list[Message] = []
+        self.turns: list[Turn] = []
+        self.error: TurnError | None = None
+        self.pending: Request | None = None
+        self._advance()
+
+    @property
+    def done(self) -> bool:
+        return self.pending is None
+
+    def _advance(self) -> None:
+        """Take input messages into the history up to the next user message to answer."""
+        messages = self.conversation.messages
+        while self._next < len(messages):
+            index, message = self._next, messages[self._next]
+            self._next += 1
+            if message.role == "assistant" and not self._keep_input_replies:
+                continue  # replaced by the generated reply; kept as that turn's reference
+            self.history.append(message)
+            if index in self._answer_at:
+                prompt = tuple(self.history)
+                self.pending = Request(
+                    fold_system_message(prompt) if self.fold else prompt,
+                    seed=self.seed + len(self.turns),
+                    stream=self.stream,
+                    continues=index < max(self._answer_at),
+                )
+                return
+        self.pending = None
+
+    def record(self, outcome: Reply | TurnError) -> Turn | None:
+        """Take the engine's answer to `pending`; returns the new turn (None after an error)."""
+        if isinstance(outcome, TurnError):
+            self.error, self.pending = outcome, None
+            return None
+        reference = self._answer_at[self._next - 1]
+        self.history.append(Message("assistant", outcome.text))
+        turn = Turn(
+            message_index=len(self.history) - 1,
+            prompt_tokens=outcome.prompt_tokens,
+            new_tokens=outcome.new_tokens,
+            seconds=outcome.seconds,
+            first_token_seconds=outcome.first_token_seconds,
+            finish_reason=outcome.finish_reason,
+            reference=reference.content if reference is not None else None,
+        )
+        self.turns.append(turn)
+        self._advance()
+        return turn
+
+    def result(self) -> ReplayedConversation:
+        return ReplayedConversation(
+            self.conversation,
+            self.sample,
+            self.seed,
+            tuple(self.history),
+            tuple(self.turns),
+            self.fold,
+            self.error,
+        )
+
+
+def replay_all(
+    conversations: Iterable[Conversation],
     engine: Engine,
     mode: ReplayMode,
     *,
     run_seed: int,
-    sample: int = 0,
-    on_turn: Callable[[Turn], None] | None = None,
+    samples: int = 1,
+    on_turn: Callable[[Turn | None], None] | None = None,
+) -> Iterator[ReplayedConversation]:
+    """Replay every (conversation, sample), batching pending turns; yield results in input order.
+
+    At most `4 * engine.batch_size` conversations are in flight or waiting to be yielded, so memory
+    grows with the batch size, not with the input. Each batch is anchored on the oldest pending
+    turn (so results flow out in order) and filled with the pending turns closest to it in length
+    (so little padding).
+    """
+    jobs = ((c, s) for c in conversations for s in range(samples))
+    active: dict[int, ConversationReplay] = {}
+    finished: dict[int, ReplayedConversation] = {}
+    started = emitted = 0
+    exhausted = False
+    while True:
+        while not exhausted and len(active) + len(finished) < 4 * max(engine.batch_size, 1):
+            job = next(jobs, None)
+            if job is None:
+                exhausted = True
+                break
+            replay = ConversationReplay(
+                job[0],
+                mode,
+                run_seed=run_seed,
+                sample=job[1],
+                fold=not engine.supports_system_role,
+                stream=started,
+            )
+            if replay.done:
+                finished[started] = replay.result()
+            else:
+                active[started] = replay
+            started += 1
+        if active:
+            batch = _pick_batch(active, engine.batch_size)
+            outcomes = engine.generate([active[index].pending for index in batch])
+            for index, outcome in zip(batch, outcomes, strict=True):
+                turn = active[index].record(outcome)
+                if on_turn is not None:
+                    on_turn(turn)
+                if active[index].done:
+                    finished[index] = active.pop(index).result()
+        while emitted in finished:
+            yield finished.pop(emitted)
+            emitted += 1
+        if exhausted and not active and not finished:
+            return
+
+
+def _pick_batch(active: dict[int, ConversationReplay], size: int) -> list[int]:
+    """The oldest pending turn plus the `size - 1` pending turns nearest to it in length."""
+    anchor = min(active)
+    length = active[anchor].pending.length_hint
+    others = sorted(
+        (index for index in active if index != anchor),
+        key=lambda index: (abs(active[index].pending.length_hint - length), index),
+    )
+    return [anchor, *others[: max(size, 1) - 1]]
+
+
+def replay_conversation(
+    conversation: Conversation, engine: Engine, mode: ReplayMode, *, run_seed: int, sample: int = 0
 ) -> ReplayedConversation:
-    """Walk the messages in order, generating a reply at every reply point."""
-    seed = trajectory_seed(run_seed, conversation.id, sample)
-    answer_at = dict(_reply_points(conversation.messages, mode))
-    fold = not engine.supports_system_role and conversation.messages[0].role == "system"
-    history: list[Message] = []
-    turns: list[Turn] = []
-    for index, message in enumerate(conversation.messages):
-        if message.role == "assistant" and mode is ReplayMode.regenerate:
-            continue  # replaced by the generated reply; kept as that turn's reference
-        history.append(message)
-        if index not in answer_at:
-            continue
-        prompt = fold_system_message(tuple(history)) if fold else tuple(history)
-        reply = engine.generate(prompt, seed=seed + len(turns))
-        history.append(Message("assistant", reply.text))
-        reference = answer_at[index]
-        turn = Turn(
-            message_index=len(history) - 1,
-            prompt_tokens=reply.prompt_tokens,
-            new_tokens=reply.new_tokens,
-            seconds=reply.seconds,
-            finish_reason=reply.finish_reason,
-            reference=reference.content if reference is not None else None,
-        )
-        turns.append(turn)
-        if on_turn is not None:
-            on_turn(turn)
-    return ReplayedConversation(conversation, sample, seed, tuple(history), tuple(turns), fold)
+    """Replay one conversation alone, turn after turn."""
+    replay = ConversationReplay(
+        conversation, mode, run_seed=run_seed, sample=sample, fold=not engine.supports_system_role
+    )
+    while not replay.done:
+        [outcome] = engine.generate([replay.pending])
+        replay.record(outcome)
+    return replay.result()

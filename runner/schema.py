@@ -47,6 +47,11 @@ class DeviceKind(Enum):
     cuda = "cuda"
 
 
+class EngineKind(Enum):
+    batched = "batched"  # left-padded model.generate batches across conversations
+    pipeline = "pipeline"  # TextGenerationPipeline, one turn per call (the seed's way)
+
+
 class InputFormat(Enum):
     auto = "auto"  # detected per line from its keys
     messages = "messages"  # OpenAI: {"id", "messages": [{"role", "content"}]}
@@ -155,6 +160,22 @@ class GenerationConfig:
 
 
 @dataclass
+class EngineConfig:
+    kind: EngineKind = MISSING
+    batch_size: Any = "auto"  # turns per generate call: an integer >= 1, or "auto"
+    cache_mb: int = 1024  # KV caches kept between a conversation's turns (batched engine)
+
+    def __post_init__(self) -> None:
+        size = self.batch_size
+        if size != "auto" and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ConfigError(f"engine.batch_size must be an integer >= 1 or auto, got {size!r}")
+        if self.cache_mb < 0:
+            raise ConfigError("engine.cache_mb must be >= 0 (0 turns cache reuse off)")
+        if self.kind is EngineKind.pipeline and size not in (1, "auto"):
+            raise ConfigError("engine=pipeline runs one turn per call: use engine=batched for batch_size > 1")
+
+
+@dataclass
 class InputConfig:
     path: str = MISSING
     format: InputFormat = InputFormat.auto
@@ -172,6 +193,7 @@ class RunConfig:
     quant: QuantConfig = MISSING
     device: DeviceConfig = MISSING
     generation: GenerationConfig = MISSING
+    engine: EngineConfig = MISSING
     input: InputConfig = field(default_factory=InputConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     cache_dir: str = MISSING
@@ -183,6 +205,7 @@ GROUP_SCHEMAS = {
     "quant": QuantConfig,
     "device": DeviceConfig,
     "generation": GenerationConfig,
+    "engine": EngineConfig,
 }
 
 

@@ -10,11 +10,11 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 from runner.errors import ConfigError
-from runner.model import Hardware, transformers_arguments
+from runner.model import Hardware, resolve_batch_size, transformers_arguments
 from runner.schema import RunConfig, to_run_config
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "precision", "quant", "device", "generation")
+GROUPS = ("model", "precision", "quant", "device", "generation", "engine")
 SHIPPED = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
 CPU = Hardware()
 A100 = Hardware(cuda_devices=1, cuda_bf16=True)
@@ -42,6 +42,7 @@ def test_groups_offer_the_required_options():
     assert options["quant"] == {"none", "int8", "int4"}
     assert options["device"] == {"auto", "cpu", "cuda"}
     assert options["generation"] == {"greedy", "sampling"}
+    assert options["engine"] == {"batched", "pipeline"}
 
 
 def test_default_config(compose_config):
@@ -70,6 +71,7 @@ def test_default_config(compose_config):
             "seed": 0,
             "num_samples": 1,
         },
+        "engine": {"kind": "batched", "batch_size": 16, "cache_mb": 1024},
         "input": {"path": "conversations", "format": "auto"},
         "replay": {"mode": "regenerate"},
         "cache_dir": "${oc.env:CHAT_RUNNER_CACHE,'~/.cache/chat-runner'}",
@@ -203,6 +205,21 @@ def test_sampling_generate_arguments(compose_config):
     }
 
 
+@pytest.mark.parametrize(
+    ("overrides", "hardware", "size"),
+    [
+        ([], CPU, 16),
+        (["engine.batch_size=auto"], CPU, 16),
+        (["engine.batch_size=auto"], A100, 64),
+        (["engine.batch_size=auto", "device=cpu"], A100, 16),
+        (["engine.batch_size=32"], CPU, 32),
+        (["engine=pipeline"], A100, 1),
+    ],
+)
+def test_batch_size_resolution(compose_config, overrides, hardware, size):
+    assert resolve_batch_size(to_run_config(compose_config(*overrides)), hardware) == size
+
+
 def test_mistyped_option_lists_the_choices(compose_config):
     with pytest.raises(MissingConfigException, match="Could not find 'model/lama3'"):
         compose_config("model=lama3")
@@ -235,6 +252,10 @@ def test_unknown_keys_and_wrong_types_fail_at_compose_time(compose_config, overr
         (["generation.min_new_tokens=300"], "min_new_tokens must be between"),
         (["generation=sampling", "generation.top_p=0"], "top_p must be in"),
         (["device=cpu", "+device.max_memory={cpu:10GiB}"], "max_memory applies to device=auto"),
+        (["engine.batch_size=0"], "engine.batch_size must be an integer >= 1 or auto"),
+        (["engine.batch_size=many"], "engine.batch_size must be an integer >= 1 or auto"),
+        (["engine=pipeline", "engine.batch_size=8"], "use engine=batched for batch_size > 1"),
+        (["engine.cache_mb=-1"], "engine.cache_mb must be >= 0"),
     ],
 )
 def test_cross_field_rules_fail_with_a_clear_message(compose_config, overrides, message):

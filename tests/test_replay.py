@@ -8,26 +8,39 @@ from types import MappingProxyType
 import pytest
 
 from runner.conversations import Conversation, Message
-from runner.replay import Reply, replay_conversation, replies_to_generate, trajectory_seed
+from runner.replay import (
+    Reply,
+    Request,
+    TurnError,
+    replay_all,
+    replay_conversation,
+    replies_to_generate,
+    trajectory_seed,
+)
 from runner.schema import ReplayMode
 
 
 class ScriptedEngine:
-    """Answers "reply N" and keeps (prompt, seed) of each call."""
+    """Answers "reply N" (or a TurnError for prompts containing "OVERFLOW"); keeps every call."""
 
-    def __init__(self, supports_system_role: bool = True):
+    def __init__(self, supports_system_role: bool = True, batch_size: int = 1):
         self.supports_system_role = supports_system_role
+        self.batch_size = batch_size
         self.calls: list[tuple[tuple[Message, ...], int]] = []
+        self.batches: list[list[Request]] = []
 
-    def generate(self, messages, seed):
-        self.calls.append((tuple(messages), seed))
-        return Reply(
-            f"reply {len(self.calls)}",
-            prompt_tokens=10 * len(messages),
-            new_tokens=3,
-            finish_reason="stop",
-            seconds=0.5,
-        )
+    def generate(self, requests):
+        assert 0 < len(requests) <= self.batch_size
+        self.batches.append(list(requests))
+        outcomes = []
+        for request in requests:
+            self.calls.append((request.messages, request.seed))
+            if "OVERFLOW" in request.messages[-1].content:
+                outcomes.append(TurnError("context_overflow", "too long", {"prompt_tokens": 9999}))
+                continue
+            n, tokens = len(self.calls), 10 * len(request.messages)
+            outcomes.append(Reply(f"reply {n}", tokens, 3, "stop", seconds=0.5, first_token_seconds=0.1))
+        return outcomes
 
 
 def conversation(*turns: tuple[str, str], conversation_id="c1") -> Conversation:
@@ -113,12 +126,52 @@ def test_seeds_are_per_conversation_sample_and_turn():
     assert trajectory_seed(0, "c1", 0) == trajectory_seed(0, "c1", 0)
 
 
-def test_progress_callback_sees_every_turn():
+def test_replay_all_batches_turns_across_conversations_and_keeps_input_order():
+    chats = [
+        conversation(*[(U, f"c{i} q{t}") for t in range(1 + i % 3)], conversation_id=f"c{i}")
+        for i in range(10)
+    ]
+    engine = ScriptedEngine(batch_size=3)
     seen = []
-    replay_conversation(
-        WITH_REPLIES, ScriptedEngine(), ReplayMode.regenerate, run_seed=0, on_turn=seen.append
-    )
-    assert [turn.message_index for turn in seen] == [2, 4]
+    results = list(replay_all(chats, engine, ReplayMode.regenerate, run_seed=0, on_turn=seen.append))
+    assert [r.conversation.id for r in results] == [f"c{i}" for i in range(10)]
+    expected_turns = sum(1 + i % 3 for i in range(10))
+    assert len(engine.calls) == len(seen) == expected_turns  # every turn generated exactly once
+    assert max(len(batch) for batch in engine.batches) == 3 and len(engine.batches) < expected_turns
+    for result in results:  # each prompt held that conversation's own earlier replies, in order
+        assert [m.role for m in result.messages] == [U, A] * len(result.turns)
+        for turn in result.turns:
+            prompt = next(p for p, _ in engine.calls if p == result.messages[: turn.message_index])
+            assert prompt[-1] == result.messages[turn.message_index - 1]
+    for batch in engine.batches:  # never two turns of one conversation in one batch
+        owners = [request.messages[0].content.split()[0] for request in batch]
+        assert len(owners) == len(set(owners))
+
+
+def test_replay_all_bounds_conversations_in_flight():
+    chats = [conversation((U, f"{i} a"), (U, f"{i} b"), conversation_id=i) for i in range(50)]
+    engine = ScriptedEngine(batch_size=2)
+    results = replay_all(chats, engine, ReplayMode.regenerate, run_seed=0)
+    assert next(results).conversation.id == 0
+    started = {prompt[0].content.split()[0] for prompt, _ in engine.calls}
+    assert len(started) <= 4 * engine.batch_size  # memory follows the batch size, not the input
+    assert [r.conversation.id for r in results] == list(range(1, 50))
+
+
+def test_samples_are_separate_trajectories():
+    engine = ScriptedEngine(batch_size=4)
+    results = list(replay_all([WITH_REPLIES], engine, ReplayMode.regenerate, run_seed=3, samples=3))
+    assert [r.sample for r in results] == [0, 1, 2]
+    assert len({r.seed for r in results}) == 3
+
+
+def test_a_turn_error_stops_that_conversation_only():
+    failing = conversation((U, "q1"), (U, "OVERFLOW q2"), (U, "q3"), conversation_id="bad")
+    engine = ScriptedEngine(batch_size=2)
+    bad, good = replay_all([failing, WITH_REPLIES], engine, ReplayMode.regenerate, run_seed=0)
+    assert bad.error.code == "context_overflow" and len(bad.turns) == 1
+    assert [m.content for m in bad.messages] == ["q1", "reply 1", "OVERFLOW q2"]
+    assert good.error is None and len(good.turns) == 2
 
 
 @pytest.mark.parametrize("mode", list(ReplayMode))

@@ -1,0 +1,180 @@
+"""Side-by-side throughput: the seed's way (a bare TextGenerationPipeline loop) against the runner.
+
+Each contender runs in its own process on the same conversations with the same forced number of
+new tokens (min_new_tokens = max_new_tokens), so generated tokens/s and peak RSS compare fairly:
+
+    .venv/bin/python benchmarks/throughput.py --input ../shared/data/mt_bench_questions.jsonl \\
+        --conversations 16 --new-tokens 64
+
+It prints tokens/s of each, the ratio to the seed's way, peak RSS, the measured memory bandwidth,
+the batch-1 roofline (bandwidth / weight bytes) and the fraction of it each reached, and how many
+replies are identical to the seed's way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+CONTENDERS = {
+    "seed": "bare TextGenerationPipeline loop, batch 1 (the seed's way)",
+    "pipeline": "python -m runner engine=pipeline",
+    "batched": "python -m runner engine=batched",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--input", required=True, help="any JSONL the runner reads")
+    parser.add_argument("--conversations", type=int, default=16, help="the first N conversations")
+    parser.add_argument("--new-tokens", type=int, default=64, help="forced new tokens per turn")
+    parser.add_argument("--batch-size", default="16", help="engine.batch_size for engine=batched")
+    parser.add_argument(
+        "--contenders", default="seed,pipeline,batched", help=f"any of {','.join(CONTENDERS)}"
+    )
+    parser.add_argument(
+        "--override", action="append", default=[], help="extra Hydra override, e.g. precision=bf16"
+    )
+    parser.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_contender(args)))
+        return
+
+    bandwidth = memory_bandwidth()
+    results = {}
+    for name in args.contenders.split(","):
+        command = [sys.executable, __file__, "--child", name, *sys.argv[1:]]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=PROJECT, check=False)
+        if done.returncode != 0:
+            sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    report(results, bandwidth, args)
+
+
+def run_contender(args: argparse.Namespace) -> dict:
+    """Load the model as the runner does, replay, and measure; runs in a child process."""
+    from hydra import compose, initialize_config_dir
+
+    from runner import engine, model
+    from runner.conversations import load_conversations, resolve_input_files
+    from runner.replay import replay_all
+    from runner.schema import ModelSource, register_configs, to_run_config
+
+    register_configs()
+    engine_choice = "pipeline" if args.child == "seed" else args.child
+    overrides = [
+        f"engine={engine_choice}",
+        f"generation.max_new_tokens={args.new_tokens}",
+        f"generation.min_new_tokens={args.new_tokens}",
+        *args.override,
+    ]
+    if args.child == "batched":
+        overrides.append(f"engine.batch_size={args.batch_size}")
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT / "conf")):
+        cfg = to_run_config(compose(config_name="config", overrides=overrides))
+    conversations = load_conversations(resolve_input_files(args.input))[: args.conversations]
+
+    load_start = time.perf_counter()
+    hardware = model.detect_hardware()
+    embedded = None
+    if cfg.model.source is ModelSource.embedded:
+        embedded = model.embedded_checkpoint(cfg.model.package, Path(cfg.cache_dir).expanduser())
+    arguments = model.transformers_arguments(cfg, hardware, embedded)
+    pipe = model.load_pipeline(arguments.load, engine.ChatReplayPipeline)
+    load_seconds = time.perf_counter() - load_start
+
+    start = time.perf_counter()
+    if args.child == "seed":
+        replies = seed_way(pipe, conversations, args.new_tokens)
+        generated = len(replies) * args.new_tokens  # min_new_tokens forces every reply's length
+    else:
+        batch_size = model.resolve_batch_size(cfg, hardware)
+        chat_engine = engine.create_engine(cfg, pipe, arguments.generate, batch_size)
+        replies, generated = [], 0
+        for result in replay_all(conversations, chat_engine, cfg.replay.mode, run_seed=0):
+            replies += [result.messages[turn.message_index].content for turn in result.turns]
+            generated += sum(turn.new_tokens for turn in result.turns)
+    seconds = time.perf_counter() - start
+    return {
+        "replies": replies,
+        "generated_tokens": generated,
+        "seconds": seconds,
+        "load_seconds": load_seconds,
+        "weights_bytes": pipe.model.get_memory_footprint(),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def seed_way(pipe, conversations, new_tokens: int) -> list[str]:
+    """The chat pipeline guide's loop: one pipeline call per user turn, the whole history re-sent."""
+    replies = []
+    for conversation in conversations:
+        history = []
+        for message in conversation.messages:
+            if message.role == "assistant":
+                continue  # regenerate: the model's own replies form the history
+            history.append(message.as_dict())
+            if message.role == "user":
+                out = pipe(history, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+                history = out[0]["generated_text"]
+                replies.append(history[-1]["content"])
+    return replies
+
+
+def memory_bandwidth(megabytes: int = 512, repeats: int = 9) -> float:
+    """Read bandwidth in bytes/s: the median of sums over a buffer far larger than the caches."""
+    import statistics
+
+    import torch
+
+    buffer = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
+    buffer.sum()  # warm-up: page the buffer in
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        times.append(time.perf_counter() - start)
+    return buffer.numel() * 4 / statistics.median(times)
+
+
+def report(results: dict[str, dict], bandwidth: float, args: argparse.Namespace) -> None:
+    weights = next(iter(results.values()))["weights_bytes"]
+    roofline = bandwidth / weights
+    baseline = results.get("seed")
+    print(
+        f"workload: {args.input}, first {args.conversations} conversations, {args.new_tokens} new tokens "
+        f"per turn; overrides: {' '.join(args.override) or 'none'}"
+    )
+    print(
+        f"memory bandwidth {bandwidth / 1e9:.1f} GB/s; weights {weights / 1e6:.0f} MB; "
+        f"batch-1 roofline {roofline:.1f} tokens/s"
+    )
+    header = f"{'contender':<10} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'vs seed':>8} {'roofline':>9} "
+    print(header + f"{'peak RSS':>9} {'same text':>10}  what")
+    for name, result in results.items():
+        speed = result["generated_tokens"] / result["seconds"]
+        ratio = speed / (baseline["generated_tokens"] / baseline["seconds"]) if baseline else float("nan")
+        same = (
+            f"{sum(a == b for a, b in zip(result['replies'], baseline['replies'], strict=True))}"
+            f"/{len(baseline['replies'])}"
+            if baseline
+            else "-"
+        )
+        rss = result["peak_rss_bytes"] / 2**30
+        print(
+            f"{name:<10} {result['generated_tokens']:>7} {result['seconds']:>8.1f} {speed:>8.1f} "
+            f"{ratio:>7.2f}x {speed / roofline:>8.0%} {rss:>7.2f}G {same:>10}  {CONTENDERS[name]}"
+        )
+
+
+if __name__ == "__main__":
+    main()
