@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--input", required=True, help="any JSONL the runner reads")
     parser.add_argument("--conversations", type=int, default=16, help="the first N conversations")
     parser.add_argument("--new-tokens", type=int, default=64, help="forced new tokens per turn")
-    parser.add_argument("--batch-size", default="16", help="engine.batch_size for engine=batched")
+    parser.add_argument("--batch-size", help="engine.batch_size for engine=batched (default: the config's)")
     parser.add_argument(
         "--contenders", default="seed,pipeline,batched", help=f"any of {','.join(CONTENDERS)}"
     )
@@ -77,7 +77,7 @@ def run_contender(args: argparse.Namespace) -> dict:
         f"generation.min_new_tokens={args.new_tokens}",
         *args.override,
     ]
-    if args.child == "batched":
+    if args.child == "batched" and args.batch_size:
         overrides.append(f"engine.batch_size={args.batch_size}")
     with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT / "conf")):
         cfg = to_run_config(compose(config_name="config", overrides=overrides))

@@ -14,7 +14,7 @@ from typing import Any
 from tqdm import tqdm
 
 from runner import engine, model
-from runner.conversations import Conversation, load_conversations, resolve_input_files
+from runner.conversations import load_conversations, resolve_input_files
 from runner.errors import RunnerError
 from runner.outputs import (
     ChatWriter,
@@ -41,32 +41,21 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     samples = cfg.generation.num_samples
     planned = samples * sum(replies_to_generate(c, cfg.replay.mode) for c in conversations)
     log.info(
-        "%d conversation(s) from %d file(s): %d replies to generate",
-        len(conversations),
-        len(files),
-        planned,
+        "%d conversation(s) from %d file(s): %d replies to generate", len(conversations), len(files), planned
     )
 
     load_start = time.perf_counter()
-    hardware = model.detect_hardware()
-    embedded_dir = None
-    if cfg.model.source is ModelSource.embedded:
-        embedded_dir = model.embedded_checkpoint(cfg.model.package, Path(cfg.cache_dir).expanduser())
-    arguments = model.transformers_arguments(cfg, hardware, embedded_dir)
-    log.info("loading %s (%s)", cfg.model.name, arguments.load["model"])
-    pipe = model.load_pipeline(arguments.load, engine.ChatReplayPipeline)
-    batch_size = model.resolve_batch_size(cfg, hardware)
-    chat_engine = engine.create_engine(cfg, pipe, arguments.generate, batch_size)
-    configured_batch_size = chat_engine.batch_size
+    chat_engine, location = _load_engine(cfg)
     load_seconds = time.perf_counter() - load_start
     loaded = chat_engine.describe()
     log.info("loaded in %.1f s: %s, %s", load_seconds, loaded["dtype"], loaded["device_map"])
-    if not chat_engine.supports_system_role and _has_system_message(conversations):
+    if not chat_engine.supports_system_role and any(c.messages[0].role == "system" for c in conversations):
         log.warning(
             "%s's chat template has no system role: system messages are folded into the first "
             "user turn (system text, a blank line, then the user text)",
             cfg.model.name,
         )
+    configured_batch_size = chat_engine.batch_size
 
     replay_start = time.perf_counter()
     records, turns, errors = 0, [], Counter()  # aggregates only: memory must not grow with the input
@@ -84,6 +73,9 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             turns.extend(result.turns)
             if result.error is not None:
                 errors[result.error.code] += 1
+                log.warning(
+                    "%s (id %r): %s", result.conversation.where, result.conversation.id, result.error.message
+                )
     replay_seconds = time.perf_counter() - replay_start
 
     generated = sum(turn.new_tokens for turn in turns)
@@ -92,7 +84,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         "model": {
             "name": cfg.model.name,
             "source": cfg.model.source.value,
-            "location": arguments.load["model"],
+            "location": location,
             "revision": cfg.model.revision,
         },
         "precision": cfg.precision.dtype.value,
@@ -137,13 +129,22 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     return summary
 
 
+def _load_engine(cfg: RunConfig) -> tuple[Any, str]:
+    """Convert the embedded model if needed, load the pipeline, and wrap it in the chosen engine."""
+    hardware = model.detect_hardware()
+    embedded_dir = None
+    if cfg.model.source is ModelSource.embedded:
+        embedded_dir = model.embedded_checkpoint(cfg.model.package, Path(cfg.cache_dir).expanduser())
+    arguments = model.transformers_arguments(cfg, hardware, embedded_dir)
+    log.info("loading %s (%s)", cfg.model.name, arguments.load["model"])
+    pipe = model.load_pipeline(arguments.load, engine.ChatReplayPipeline)
+    batch_size = model.resolve_batch_size(cfg, hardware)
+    return engine.create_engine(cfg, pipe, arguments.generate, batch_size), arguments.load["model"]
+
+
 def _percentiles(values: Iterable[float]) -> dict[str, float | None]:
     """p50 and p95 (nearest rank) of per-turn timings; None when there are no turns."""
     ordered = sorted(values)
     if not ordered:
         return {"p50": None, "p95": None}
     return {f"p{q}": round(ordered[math.ceil(q / 100 * len(ordered)) - 1], 4) for q in (50, 95)}
-
-
-def _has_system_message(conversations: list[Conversation]) -> bool:
-    return any(c.messages[0].role == "system" for c in conversations)

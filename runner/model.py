@@ -95,7 +95,7 @@ def transformers_arguments(
 
 # engine.batch_size=auto: what benchmarks/throughput.py found best on a 2-core CPU; on a GPU a
 # larger start, which the batched engine halves on out-of-memory.
-AUTO_BATCH_SIZE = {"cpu": 16, "cuda": 64}
+AUTO_BATCH_SIZE = {"cpu": 32, "cuda": 64}
 
 
 def resolve_batch_size(cfg: RunConfig, hardware: Hardware) -> int:

@@ -77,7 +77,7 @@ def test_replay_end_to_end(quant, write_jsonl, tmp_path, embedded_dir):
         summary["generated_tokens"] / summary["replay_seconds"], rel=0.01
     )
     assert summary["load_seconds"] > 0 and summary["peak_memory"]["rss_bytes"] > 0
-    assert (summary["engine"], summary["batch_size"]) == ("batched", {"configured": 16, "final": 16})
+    assert (summary["engine"], summary["batch_size"]) == ("batched", {"configured": 32, "final": 32})
     assert summary["cache"]["reused_tokens"] > 0  # second turns reused the first turns' KV cache
     assert 0 < summary["first_token_seconds"]["p50"] <= summary["turn_seconds"]["p50"]
     assert all(0 < t["first_token_seconds"] <= t["seconds"] for t in all_turns)

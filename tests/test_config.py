@@ -71,7 +71,7 @@ def test_default_config(compose_config):
             "seed": 0,
             "num_samples": 1,
         },
-        "engine": {"kind": "batched", "batch_size": 16, "cache_mb": 1024},
+        "engine": {"kind": "batched", "batch_size": 32, "cache_mb": 1024},
         "input": {"path": "conversations", "format": "auto"},
         "replay": {"mode": "regenerate"},
         "cache_dir": "${oc.env:CHAT_RUNNER_CACHE,'~/.cache/chat-runner'}",
@@ -208,11 +208,11 @@ def test_sampling_generate_arguments(compose_config):
 @pytest.mark.parametrize(
     ("overrides", "hardware", "size"),
     [
-        ([], CPU, 16),
-        (["engine.batch_size=auto"], CPU, 16),
+        ([], CPU, 32),
+        (["engine.batch_size=auto"], CPU, 32),
         (["engine.batch_size=auto"], A100, 64),
-        (["engine.batch_size=auto", "device=cpu"], A100, 16),
-        (["engine.batch_size=32"], CPU, 32),
+        (["engine.batch_size=auto", "device=cpu"], A100, 32),
+        (["engine.batch_size=8"], CPU, 8),
         (["engine=pipeline"], A100, 1),
     ],
 )
