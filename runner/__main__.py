@@ -8,9 +8,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from runner.errors import RunnerError
+from runner.errors import ConfigError, RunnerError
 from runner.outputs import unique_dir
-from runner.schema import register_configs, to_run_config
+from runner.schema import refuse_secrets, register_configs, to_run_config
 
 register_configs()
 OmegaConf.register_new_resolver("unique_dir", unique_dir)
@@ -28,4 +28,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    try:
+        refuse_secrets(sys.argv[1:])
+    except ConfigError as error:
+        sys.exit(f"error: {error}")
     main()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import signal
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -14,34 +15,55 @@ from typing import Any
 from tqdm import tqdm
 
 from runner import engine, model
-from runner.conversations import load_conversations, resolve_input_files
-from runner.errors import RunnerError
+from runner.conversations import read_conversations, resolve_input_files
+from runner.errors import InputError, RunnerError
 from runner.outputs import (
+    MANIFEST,
+    REJECTED,
     ChatWriter,
     chat_paths,
     chat_record,
+    check_resumable,
+    completed_records,
     environment,
+    manifest,
     peak_rss_bytes,
     write_json_atomically,
+    write_jsonl_atomically,
 )
-from runner.replay import replay_all, replies_to_generate
-from runner.schema import ModelSource, RunConfig
+from runner.replay import Turn, replay_all, replies_to_generate
+from runner.schema import ModelSource, OnError, RunConfig, config_record
 
 log = logging.getLogger(__name__)
+
+
+class Interrupted(Exception):
+    """SIGTERM arrived (SIGINT arrives as KeyboardInterrupt)."""
 
 
 def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     """Replay every input conversation through the configured model into `run_dir`."""
     started = time.perf_counter()
     files = resolve_input_files(cfg.input.path)
-    conversations = load_conversations(files, cfg.input.format)
+    conversations, rejected = read_conversations(files, cfg.input.format, cfg.input.max_line_bytes)
+    if rejected and cfg.input.on_error is OnError.fail:
+        raise InputError([str(reject) for reject in rejected])
     paths = chat_paths(run_dir, files)
-    if any(path.exists() for path in paths.values()):
-        raise RunnerError(f"{run_dir} already holds chats from an earlier run: pick a new hydra.run.dir")
+    run_manifest = manifest(config_record(cfg), files)
+    kept = _previous_records(cfg, run_dir, paths, run_manifest)
+    write_json_atomically(run_dir / MANIFEST, run_manifest)
+    if rejected:
+        write_jsonl_atomically(run_dir / REJECTED, [reject.as_dict() for reject in rejected])
+        log.warning("%d bad line(s) skipped, listed in %s", len(rejected), run_dir / REJECTED)
+    done = {(str(record["id"]), record["replay"]["sample"]) for record in kept}
     samples = cfg.generation.num_samples
     planned = samples * sum(replies_to_generate(c, cfg.replay.mode) for c in conversations)
     log.info(
-        "%d conversation(s) from %d file(s): %d replies to generate", len(conversations), len(files), planned
+        "%d conversation(s) from %d file(s): %d replies to generate%s",
+        len(conversations),
+        len(files),
+        planned,
+        f"; resuming with {len(kept)} record(s) kept" if cfg.resume else "",
     )
 
     load_start = time.perf_counter()
@@ -58,29 +80,43 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     configured_batch_size = chat_engine.batch_size
 
     replay_start = time.perf_counter()
-    records, turns, errors = 0, [], Counter()  # aggregates only: memory must not grow with the input
-    with ChatWriter(paths) as writer, tqdm(total=planned, unit="turn", disable=None) as progress:
-        for result in replay_all(
-            conversations,
-            chat_engine,
-            cfg.replay.mode,
-            run_seed=cfg.generation.seed,
-            samples=samples,
-            on_turn=lambda _turn: progress.update(),
-        ):
-            writer.write(result.conversation.source, chat_record(result, chat_engine.chat_template_sha256))
-            records += 1
-            turns.extend(result.turns)
-            if result.error is not None:
-                errors[result.error.code] += 1
-                log.warning(
-                    "%s (id %r): %s", result.conversation.where, result.conversation.id, result.error.message
+    records = [_record_stats(record) for record in kept]  # aggregates only, not the texts
+    status, stop = "completed", None
+    previous_handler = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        with ChatWriter(paths) as writer, tqdm(total=planned, unit="turn", disable=None) as progress:
+            progress.update(sum(len(turns) for turns, _ in records))
+            for result in replay_all(
+                conversations,
+                chat_engine,
+                cfg.replay.mode,
+                run_seed=cfg.generation.seed,
+                samples=samples,
+                done=done,
+                on_turn=lambda _turn: progress.update(),
+            ):
+                writer.write(
+                    result.conversation.source, chat_record(result, chat_engine.chat_template_sha256)
                 )
+                records.append((result.turns, result.error.code if result.error else None))
+                if result.error is not None:
+                    log.warning(
+                        "%s (id %r): %s",
+                        result.conversation.where,
+                        result.conversation.id,
+                        result.error.message,
+                    )
+    except (KeyboardInterrupt, Interrupted) as interruption:
+        status, stop = "interrupted", interruption
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     replay_seconds = time.perf_counter() - replay_start
 
-    generated = sum(turn.new_tokens for turn in turns)
+    turns = [turn for record_turns, _ in records for turn in record_turns]
+    new_turns = [turn for record_turns, _ in records[len(kept) :] for turn in record_turns]
+    generated = sum(turn.new_tokens for turn in new_turns)
     summary = {
-        "status": "completed",
+        "status": status,
         "model": {
             "name": cfg.model.name,
             "source": cfg.model.source.value,
@@ -101,32 +137,66 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         "input_files": [str(path) for path in files],
         "chat_files": [str(path.relative_to(run_dir)) for path in dict.fromkeys(paths.values())],
         "conversations": len(conversations),
-        "records": records,
+        "rejected": dict(Counter(reject.code for reject in rejected)),
+        "records": len(records),
+        "records_kept_from_before": len(kept),
         "turns": len(turns),
-        "errors": dict(errors),
+        "errors": dict(Counter(code for _, code in records if code is not None)),
         "prompt_tokens": sum(turn.prompt_tokens for turn in turns),
-        "generated_tokens": generated,
+        "generated_tokens": sum(turn.new_tokens for turn in turns),
         "finish_reasons": dict(Counter(turn.finish_reason for turn in turns)),
         "load_seconds": round(load_seconds, 3),
         "replay_seconds": round(replay_seconds, 3),
         "wall_seconds": round(time.perf_counter() - started, 3),
+        # This session's own speed: tokens it generated over its replay time.
         "tokens_per_second": round(generated / replay_seconds, 2) if replay_seconds else 0.0,
-        "turn_seconds": _percentiles(turn.seconds for turn in turns),
-        "first_token_seconds": _percentiles(turn.first_token_seconds for turn in turns),
+        "turn_seconds": _percentiles(turn.seconds for turn in new_turns),
+        "first_token_seconds": _percentiles(turn.first_token_seconds for turn in new_turns),
         "peak_memory": {"rss_bytes": peak_rss_bytes(), "cuda_bytes": engine.accelerator_peak_bytes()},
         "environment": {**environment(), "gpus": engine.accelerator_names()},
     }
     write_json_atomically(run_dir / "summary.json", summary)
+    if stop is not None:
+        raise RunnerError(
+            f"interrupted ({type(stop).__name__}): {len(records)} record(s) complete in {run_dir}; "
+            f"continue with the same command plus hydra.run.dir={run_dir} resume=true"
+        )
     log.info(
         "done: %d conversation(s), %d turn(s), %d tokens in %.1f s (%.1f tokens/s); outputs in %s",
         len(conversations),
-        len(turns),
+        len(new_turns),
         generated,
         replay_seconds,
         summary["tokens_per_second"],
         run_dir,
     )
     return summary
+
+
+def _previous_records(
+    cfg: RunConfig, run_dir: Path, paths: dict[Path, Path], run_manifest: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """What an interrupted run left, when resuming; refuse to write over a run otherwise."""
+    existing = [path for path in dict.fromkeys(paths.values()) if path.exists()]
+    if not cfg.resume:
+        if existing or (run_dir / MANIFEST).exists():
+            raise RunnerError(
+                f"{run_dir} already holds a run: add resume=true to continue it, or pick a new hydra.run.dir"
+            )
+        return []
+    check_resumable(run_dir, run_manifest)
+    return [record for path in existing for record in completed_records(path)]
+
+
+def _record_stats(record: dict[str, Any]) -> tuple[tuple[Turn, ...], str | None]:
+    """The turns and error code of a record written by an earlier session of this run."""
+    replay = record["replay"]
+    turns = tuple(Turn(**{key: turn[key] for key in Turn.__dataclass_fields__}) for turn in replay["turns"])
+    return turns, replay["error"]["code"] if replay["error"] else None
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signal.Signals(signum).name)
 
 
 def _load_engine(cfg: RunConfig) -> tuple[Any, str]:

@@ -22,6 +22,7 @@ ROLES = ("system", "user", "assistant")
 # Top-level keys the runner owns in its output records: an input line may not carry them.
 RESERVED_KEYS = ("replay",)
 SYSTEM_FOLD_SEPARATOR = "\n\n"
+MAX_LINE_BYTES = 16 * 2**20
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
@@ -56,7 +57,14 @@ class Conversation:
 
 
 class LineError(ValueError):
-    """Why one line is not a valid conversation (the caller adds file and line)."""
+    """Why one line is not a valid conversation (the caller adds file and line).
+
+    `code` is stable (for rejected.jsonl and scripts); the message says what and where.
+    """
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
 
 
 def resolve_input_files(path: str) -> list[Path]:
@@ -78,30 +86,101 @@ def resolve_input_files(path: str) -> list[Path]:
     return files
 
 
-def load_conversations(files: Iterable[Path], form: InputFormat = InputFormat.auto) -> list[Conversation]:
+@dataclass(frozen=True)
+class Rejected:
+    """A line that is not a valid conversation: where, why (a stable code and a message), and what."""
+
+    source: Path
+    line: int
+    id: str | int | None
+    code: str
+    message: str
+    raw: bytes
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}: {self.message}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "file": str(self.source),
+            "line": self.line,
+            "id": self.id,
+            "code": self.code,
+            "message": self.message,
+            "raw": self.raw.decode("utf-8", errors="backslashreplace"),
+        }
+
+
+def load_conversations(
+    files: Iterable[Path], form: InputFormat = InputFormat.auto, max_line_bytes: int = MAX_LINE_BYTES
+) -> list[Conversation]:
     """Read and validate every line of every file; raise InputError listing all problems."""
-    conversations: list[Conversation] = []
-    problems: list[str] = []
-    for path in files:
-        for line_number, raw in _numbered_lines(path):
-            try:
-                conversations.append(parse_conversation(raw, path, line_number, form))
-            except LineError as error:
-                problems.append(f"{path}:{line_number}: {error}")
-    problems += _duplicate_id_problems(conversations)
-    if problems:
-        raise InputError(problems)
+    conversations, rejected = read_conversations(files, form, max_line_bytes)
+    if rejected:
+        raise InputError([str(reject) for reject in rejected])
     return conversations
 
 
-def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """Yield (1-based line number, raw bytes) for non-blank lines; split on b"\\n" only.
+def read_conversations(
+    files: Iterable[Path], form: InputFormat = InputFormat.auto, max_line_bytes: int = MAX_LINE_BYTES
+) -> tuple[list[Conversation], list[Rejected]]:
+    """Every valid conversation of every file, and every invalid line with its reason, in file order.
 
-    Binary iteration keeps U+2028 and other Unicode line separators inside their record, a CRLF
-    line end loses its "\\r", and a UTF-8 byte-order mark at the start of the file is dropped.
+    Ids are unique across the whole run: 1 and "1" collide (they print the same), and every later
+    occurrence is rejected, naming the first.
+    """
+    conversations: list[Conversation] = []
+    rejected: list[Rejected] = []
+    first_seen: dict[str, str] = {}
+    for path in files:
+        for line_number, raw in _numbered_lines(path, max_line_bytes):
+            try:
+                if len(raw) > max_line_bytes:
+                    raise LineError(
+                        "line_too_long",
+                        f"line longer than input.max_line_bytes={max_line_bytes} bytes (not parsed)",
+                    )
+                conversation = parse_conversation(raw, path, line_number, form)
+            except LineError as error:
+                rejected.append(Rejected(path, line_number, _id_of(raw), error.code, str(error), raw))
+                continue
+            key = str(conversation.id)
+            if key in first_seen:
+                message = f"duplicate id {key!r} (first at {first_seen[key]})"
+                rejected.append(Rejected(path, line_number, conversation.id, "duplicate_id", message, raw))
+                continue
+            first_seen[key] = conversation.where
+            conversations.append(conversation)
+    return conversations, rejected
+
+
+def _id_of(raw: bytes) -> str | int | None:
+    """The id of a rejected line, when it can still be read."""
+    try:
+        record = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    value = record.get("id", record.get("question_id")) if isinstance(record, dict) else None
+    return value if isinstance(value, str | int) and not isinstance(value, bool) else None
+
+
+def _numbered_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, bytes]]:
+    """Yield (1-based line number, raw bytes) for non-blank lines; split on b"\n" only.
+
+    Binary reading keeps U+2028 and other Unicode line separators inside their record, a CRLF
+    line end loses its "\r", and a UTF-8 byte-order mark at the start of the file is dropped. A
+    line longer than `max_line_bytes` is skipped in chunks (memory stays bounded) and yielded as
+    its first `max_line_bytes + 1` bytes, for the caller to reject.
     """
     with path.open("rb") as stream:
-        for line_number, raw in enumerate(stream, start=1):
+        line_number = 0
+        while raw := stream.readline(max_line_bytes + 2):
+            line_number += 1
+            if len(raw) == max_line_bytes + 2 and not raw.endswith(b"\n"):  # longer still: skip the rest
+                while (rest := stream.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass
+                yield line_number, raw[: max_line_bytes + 1]
+                continue
             if line_number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             raw = raw.rstrip(b"\r\n")
@@ -116,27 +195,30 @@ def parse_conversation(
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise LineError(f"not valid UTF-8 at byte {error.start} of the line") from None
+        raise LineError("invalid_utf8", f"not valid UTF-8 at byte {error.start} of the line") from None
     try:
         record = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constants)
     except json.JSONDecodeError as error:
-        raise LineError(f"invalid JSON: {error.msg} (column {error.colno})") from None
+        raise LineError("invalid_json", f"invalid JSON: {error.msg} (column {error.colno})") from None
     if not isinstance(record, dict):
-        raise LineError(f"expected a JSON object, got {_json_type(record)}")
+        raise LineError("not_an_object", f"expected a JSON object, got {_json_type(record)}")
     for key in RESERVED_KEYS:
         if key in record:
             raise LineError(
+                "reserved_key",
                 f"key {key!r} is reserved for the runner's own metadata "
-                f"(is this a runner output? drop it, e.g. jq -c 'del(.{key})')"
+                f"(is this a runner output? drop it, e.g. jq -c 'del(.{key})')",
             )
     form = _detect_format(record) if form is InputFormat.auto else form
     messages_key = FORMAT_KEYS[form]
     default_id = record.get("question_id") if form is InputFormat.turns else None
     conversation_id = record.get("id", default_id if default_id is not None else f"{source.name}:{line}")
     if isinstance(conversation_id, bool) or not isinstance(conversation_id, str | int):
-        raise LineError(f"'id' must be a string or an integer, got {_json_type(conversation_id)}")
+        raise LineError(
+            "invalid_id", f"'id' must be a string or an integer, got {_json_type(conversation_id)}"
+        )
     if conversation_id == "":
-        raise LineError("'id' is empty")
+        raise LineError("invalid_id", "'id' is empty")
     messages = _validate_order(FORMAT_PARSERS[form](record.get(messages_key), messages_key))
     extra = {key: value for key, value in record.items() if key not in ("id", messages_key)}
     return Conversation(conversation_id, messages, MappingProxyType(extra), source, line)
@@ -147,33 +229,42 @@ def _detect_format(record: dict[str, Any]) -> InputFormat:
     if len(found) != 1:
         keys = " or ".join(repr(key) for key in FORMAT_KEYS.values())
         what = "none" if not found else " and ".join(repr(FORMAT_KEYS[form]) for form in found)
-        raise LineError(f"expected exactly one of {keys} (found {what}); input.format=... forces one")
+        raise LineError(
+            "unknown_format", f"expected exactly one of {keys} (found {what}); input.format=... forces one"
+        )
     return found[0]
 
 
 def _parse_turns(value: Any, key: str) -> tuple[Message, ...]:
     """MT-bench style: a list of user turns."""
     if not isinstance(value, list) or not value:
-        raise LineError(f"{_missing_or(value, key)} must be a non-empty list of user turns")
+        raise LineError("no_messages", f"{_missing_or(value, key)} must be a non-empty list of user turns")
     return tuple(Message("user", _text(f"{key}[{index}]", turn)) for index, turn in enumerate(value))
 
 
 def _parse_sharegpt(value: Any, key: str) -> tuple[Message, ...]:
     """ShareGPT style: {"from": "system" | "human" | "gpt", "value": ...}."""
     if not isinstance(value, list) or not value:
-        raise LineError(f'{_missing_or(value, key)} must be a non-empty list of {{"from", "value"}} objects')
+        raise LineError(
+            "no_messages",
+            f'{_missing_or(value, key)} must be a non-empty list of {{"from", "value"}} objects',
+        )
     messages = []
     for index, item in enumerate(value):
         where = f"{key}[{index}]"
         if not isinstance(item, dict):
-            raise LineError(f"{where}: expected an object, got {_json_type(item)}")
+            raise LineError("invalid_message", f"{where}: expected an object, got {_json_type(item)}")
         unknown = sorted(set(item) - {"from", "value"})
         if unknown:
-            raise LineError(f"{where}: unsupported key(s) {unknown} (only 'from' and 'value')")
+            raise LineError(
+                "invalid_message", f"{where}: unsupported key(s) {unknown} (only 'from' and 'value')"
+            )
         role = SHAREGPT_ROLES.get(item.get("from"))
         if role is None:
             allowed = ", ".join(SHAREGPT_ROLES)
-            raise LineError(f"{where}: unknown 'from' {item.get('from')!r} (allowed: {allowed})")
+            raise LineError(
+                "unknown_role", f"{where}: unknown 'from' {item.get('from')!r} (allowed: {allowed})"
+            )
         messages.append(Message(role, _text(where, item.get("value"), "value")))
     return tuple(messages)
 
@@ -182,7 +273,8 @@ def _parse_openai(value: Any, key: str) -> tuple[Message, ...]:
     """OpenAI style: {"role", "content"}, content a string or a list of text parts."""
     if not isinstance(value, list) or not value:
         raise LineError(
-            f'{_missing_or(value, key)} must be a non-empty list of {{"role", "content"}} objects'
+            "no_messages",
+            f'{_missing_or(value, key)} must be a non-empty list of {{"role", "content"}} objects',
         )
     return tuple(_parse_message(index, item) for index, item in enumerate(value))
 
@@ -196,27 +288,30 @@ def _validate_order(messages: tuple[Message, ...]) -> tuple[Message, ...]:
     for index, message in enumerate(messages):
         previous = messages[index - 1].role if index else None
         if message.role == "system" and index != 0:
-            raise LineError(f"message {index}: a system message may only come first")
+            raise LineError("system_not_first", f"message {index}: a system message may only come first")
         if message.role == "assistant" and previous != "user":
             raise LineError(
+                "assistant_without_user",
                 f"message {index}: an assistant message must answer a user message "
-                f"(it follows {previous or 'nothing'})"
+                f"(it follows {previous or 'nothing'})",
             )
     if not any(message.role == "user" for message in messages):
-        raise LineError("no user message: nothing to reply to")
+        raise LineError("no_user_turn", "no user message: nothing to reply to")
     return messages
 
 
 def _parse_message(index: int, item: Any) -> Message:
     where = f"messages[{index}]"
     if not isinstance(item, dict):
-        raise LineError(f"{where}: expected an object, got {_json_type(item)}")
+        raise LineError("invalid_message", f"{where}: expected an object, got {_json_type(item)}")
     unknown = sorted(set(item) - {"role", "content"})
     if unknown:
-        raise LineError(f"{where}: unsupported key(s) {unknown} (only 'role' and 'content')")
+        raise LineError(
+            "invalid_message", f"{where}: unsupported key(s) {unknown} (only 'role' and 'content')"
+        )
     role = item.get("role")
     if role not in ROLES:
-        raise LineError(f"{where}: unknown role {role!r} (allowed: {', '.join(ROLES)})")
+        raise LineError("unknown_role", f"{where}: unknown role {role!r} (allowed: {', '.join(ROLES)})")
     content = item.get("content")
     if isinstance(content, list):
         content = _join_text_parts(where, content)
@@ -230,7 +325,10 @@ def _join_text_parts(where: str, parts: list[Any]) -> str:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind != "text" or not isinstance(part.get("text"), str):
             shown = repr(kind) if kind is not None else _json_type(part)
-            raise LineError(f"{where}: content part {index} is {shown}; only {{'type': 'text', 'text': ...}}")
+            raise LineError(
+                "unsupported_content_part",
+                f"{where}: content part {index} is {shown}; only {{'type': 'text', 'text': ...}}",
+            )
         texts.append(part["text"])
     return "".join(texts)
 
@@ -238,26 +336,16 @@ def _join_text_parts(where: str, parts: list[Any]) -> str:
 def _text(where: str, content: Any, key: str = "content") -> str:
     """A message text: a non-empty string that UTF-8 can encode."""
     if not isinstance(content, str):
-        raise LineError(f"{where}: {key!r} must be a string, got {_json_type(content)}")
+        raise LineError("invalid_content", f"{where}: {key!r} must be a string, got {_json_type(content)}")
     if not content.strip():
-        raise LineError(f"{where}: {key!r} is empty")
+        raise LineError("empty_content", f"{where}: {key!r} is empty")
     try:
         content.encode("utf-8")
     except UnicodeEncodeError as error:
-        raise LineError(f"{where}: {key!r} holds a lone surrogate at character {error.start}") from None
+        raise LineError(
+            "lone_surrogate", f"{where}: {key!r} holds a lone surrogate at character {error.start}"
+        ) from None
     return content
-
-
-def _duplicate_id_problems(conversations: list[Conversation]) -> list[str]:
-    """Ids must be unique across the whole run; 1 and "1" collide (they print the same)."""
-    places: dict[str, list[str]] = {}
-    for conversation in conversations:
-        places.setdefault(str(conversation.id), []).append(conversation.where)
-    return [
-        f"{where[0]}: duplicate id {key!r}, also at {', '.join(where[1:])}"
-        for key, where in places.items()
-        if len(where) > 1
-    ]
 
 
 def fold_system_message(messages: tuple[Message, ...]) -> tuple[Message, ...]:
@@ -272,12 +360,12 @@ def fold_system_message(messages: tuple[Message, ...]) -> tuple[Message, ...]:
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     duplicates = sorted(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
     if duplicates:
-        raise LineError(f"duplicate JSON key(s) {duplicates} in one object")
+        raise LineError("duplicate_key", f"duplicate JSON key(s) {duplicates} in one object")
     return dict(pairs)
 
 
 def _no_constants(name: str) -> None:
-    raise LineError(f"{name} is not valid JSON (use null or a string)")
+    raise LineError("non_finite_number", f"{name} is not valid JSON (use null or a string)")
 
 
 def _json_type(value: Any) -> str:

@@ -92,6 +92,15 @@ class _ChatEngine:
         self.supports_system_role = template_supports_system_role(tokenizer)
         self.context_tokens = getattr(model.config, "max_position_embeddings", None)
         self.stats: dict[str, int] = {}
+        # Text that the tokenizer turns into control tokens: in user content it could forge a turn.
+        self.control_strings = sorted(
+            {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+            | set(tokenizer.all_special_tokens)
+        )
+
+    def control_tokens_in(self, messages: Sequence[Message]) -> int:
+        """How many control-token strings the messages' texts hold (flagged per turn, not removed)."""
+        return sum(message.content.count(token) for message in messages for token in self.control_strings)
 
     def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
         """The chat template rendered and tokenized, exactly as the pipeline does it."""
@@ -116,7 +125,9 @@ class _ChatEngine:
             },
         )
 
-    def reply(self, prompt_tokens: int, new_ids: list[int], seconds: float, first: float) -> Reply:
+    def reply(
+        self, request: Request, prompt_tokens: int, new_ids: list[int], seconds: float, first: float
+    ) -> Reply:
         """Cut the new ids at the first stop id (kept, as the pipeline counts it) and decode them."""
         stop = next((i for i, token in enumerate(new_ids) if token in self.stop_ids), None)
         if stop is not None:
@@ -128,6 +139,7 @@ class _ChatEngine:
             finish_reason="stop" if stop is not None else "length",
             seconds=seconds,
             first_token_seconds=first,
+            control_tokens_in_content=self.control_tokens_in(request.messages),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -167,7 +179,7 @@ class PipelineEngine(_ChatEngine):
         )
         end = time.perf_counter()
         reply = self.reply(
-            record["prompt_tokens"], record["new_token_ids"], end - start, (timer.at or end) - start
+            request, record["prompt_tokens"], record["new_token_ids"], end - start, (timer.at or end) - start
         )
         return dataclasses.replace(reply, text=record["generated_text"])  # the pipeline's own decoding
 
@@ -300,7 +312,7 @@ class BatchedEngine(_ChatEngine):
         end = time.perf_counter()
         new = output.sequences[:, layout.cache_width + layout.width :].tolist()
         replies = [
-            self.reply(len(row.ids), row_new, end - start, (timer.at or end) - start)
+            self.reply(row.request, len(row.ids), row_new, end - start, (timer.at or end) - start)
             for row, row_new in zip(rows, new, strict=True)
         ]
         if self.cache_supported and self.cache_bytes > 0:

@@ -2,13 +2,16 @@
 
 Layout (Hydra writes `.hydra/` and `chat-runner.log` beside these):
     chats/<input-file-stem>.jsonl   one completed conversation a line, in input order
+    manifest.json                   the config and the input files' sha256, checked by resume
+    rejected.jsonl                  bad input lines, with input.on_error=skip
     summary.json                    config choices, counts, speed, memory, versions, hardware
 """
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import importlib.metadata
+import io
 import json
 import os
 import platform
@@ -16,11 +19,11 @@ import resource
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import jsonlines
 
-from runner.errors import InputError
+from runner.errors import InputError, RunnerError
 from runner.replay import ReplayedConversation
 
 PACKAGES = (
@@ -34,6 +37,9 @@ PACKAGES = (
     "gguf",
     "tokenizers",
 )
+
+MANIFEST = "manifest.json"
+REJECTED = "rejected.jsonl"
 
 _claimed_dirs: dict[str, str] = {}
 
@@ -99,6 +105,7 @@ def chat_record(replayed: ReplayedConversation, chat_template_sha256: str) -> di
                     "first_token_seconds": round(turn.first_token_seconds, 4),
                     "finish_reason": turn.finish_reason,
                     "reference": turn.reference,
+                    "control_tokens_in_content": turn.control_tokens_in_content,
                 }
                 for turn in replayed.turns
             ],
@@ -107,31 +114,34 @@ def chat_record(replayed: ReplayedConversation, chat_template_sha256: str) -> di
 
 
 class ChatWriter:
-    """Appends records to their chats file and flushes each one, so a crash loses at most one."""
+    """Appends each record to its chats file as one write, then fsyncs: a crash loses at most the
+    conversation in flight, and a line is either whole or the torn tail that resume cuts off."""
 
     def __init__(self, paths: dict[Path, Path]):
         self._paths = paths
-        self._streams: dict[Path, IO[str]] = {}
-        self._writers: dict[Path, jsonlines.Writer] = {}
+        self._files: dict[Path, int] = {}
 
     def write(self, source: Path, record: dict[str, Any]) -> None:
-        if source not in self._writers:
-            path = self._paths[source]
+        path = self._paths[source]
+        if source not in self._files:
             path.parent.mkdir(parents=True, exist_ok=True)
-            stream = self._streams[source] = path.open("a", encoding="utf-8")
-            self._writers[source] = jsonlines.Writer(
-                stream,
-                flush=True,
-                dumps=functools.partial(json.dumps, ensure_ascii=False),
-            )
-        self._writers[source].write(record)
+            self._files[source] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        descriptor = self._files[source]
+        end = os.lseek(descriptor, 0, os.SEEK_END)
+        try:
+            written = os.write(descriptor, data)
+            while written < len(data):  # only a full disk makes a regular file take less
+                written += os.write(descriptor, data[written:])
+            os.fsync(descriptor)
+        except OSError as error:
+            os.ftruncate(descriptor, end)  # leave whole records only
+            raise RunnerError(f"could not write {path}: {error.strerror or error}") from error
 
     def close(self) -> None:
-        for source, writer in self._writers.items():
-            writer.close()
-            self._streams[source].close()  # jsonlines leaves a stream it did not open to its owner
-        self._writers.clear()
-        self._streams.clear()
+        for descriptor in self._files.values():
+            os.close(descriptor)
+        self._files.clear()
 
     def __enter__(self) -> ChatWriter:
         return self
@@ -142,13 +152,101 @@ class ChatWriter:
 
 def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
     """Write to a temp file in the same directory, fsync, rename: readers never see half a file."""
+    _write_atomically(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl_atomically(path: Path, records: list[dict[str, Any]]) -> None:
+    """A whole JSONL file, written like `write_json_atomically`."""
+    _write_atomically(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+
+
+def _write_atomically(path: Path, text: str) -> None:
     scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with scratch.open("w", encoding="utf-8") as stream:
-        json.dump(data, stream, indent=2, ensure_ascii=False)
-        stream.write("\n")
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(scratch, path)
+    try:
+        with scratch.open("w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(scratch, path)
+    except OSError as error:
+        raise RunnerError(f"could not write {path}: {error.strerror or error}") from error
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest(config: dict[str, Any], files: list[Path]) -> dict[str, Any]:
+    """What a run is made of, so that resume can refuse to mix two different runs in one dir."""
+    return {
+        "config": config,
+        "inputs": [{"path": str(path), "sha256": file_sha256(path)} for path in files],
+    }
+
+
+def check_resumable(run_dir: Path, expected: dict[str, Any]) -> None:
+    """Refuse to resume into `run_dir` unless its manifest matches this run's config and inputs."""
+    path = run_dir / MANIFEST
+    if not path.exists():
+        raise RunnerError(f"resume=true but {path} does not exist: nothing to resume in {run_dir}")
+    recorded = json.loads(path.read_text(encoding="utf-8"))
+    differences = [
+        f"config {key}: {old!r} then, {new!r} now"
+        for key, old, new in _changed(recorded["config"], expected["config"])
+    ]
+    if [i["path"] for i in recorded["inputs"]] != [i["path"] for i in expected["inputs"]]:
+        differences.append(
+            f"input files: {[i['path'] for i in recorded['inputs']]} then, "
+            f"{[i['path'] for i in expected['inputs']]} now"
+        )
+    else:
+        differences += [
+            f"input {old['path']} changed (sha256 {old['sha256'][:12]}... then, {new['sha256'][:12]}... now)"
+            for old, new in zip(recorded["inputs"], expected["inputs"], strict=True)
+            if old["sha256"] != new["sha256"]
+        ]
+    if differences:
+        shown = "\n  ".join(differences)
+        raise RunnerError(f"cannot resume {run_dir}: this run differs from the one there:\n  {shown}")
+
+
+def _changed(old: Any, new: Any, key: str = "") -> list[tuple[str, Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            change
+            for name in sorted(set(old) | set(new))
+            for change in _changed(old.get(name), new.get(name), f"{key}.{name}" if key else name)
+        ]
+    return [] if old == new else [(key, old, new)]
+
+
+def completed_records(path: Path) -> list[dict[str, Any]]:
+    """The whole records of a chats file left by an interrupted run.
+
+    A torn last line (a crash mid-write) is moved aside to `<file>.corrupt-<offset>` and cut off,
+    so that its conversation is generated again, once.
+    """
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    whole = data.rfind(b"\n") + 1
+    if whole < len(data):
+        path.with_name(f"{path.name}.corrupt-{whole}").write_bytes(data[whole:])
+        with path.open("r+b") as stream:
+            stream.truncate(whole)
+            os.fsync(stream.fileno())
+    try:
+        return list(jsonlines.Reader(io.BytesIO(data[:whole])))
+    except jsonlines.InvalidLineError as error:
+        raise RunnerError(
+            f"{path}:{error.lineno}: not a whole JSON record; this run dir cannot be resumed"
+        ) from None
 
 
 def peak_rss_bytes() -> int:

@@ -13,7 +13,7 @@ next turn is pending as soon as its previous reply is in. Results come out in in
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -50,6 +50,7 @@ class Reply:
     finish_reason: str  # "stop" (an eos token) or "length" (max_new_tokens reached)
     seconds: float  # from the start of the generate call that produced it to its end
     first_token_seconds: float  # from that start to the first new token
+    control_tokens_in_content: int = 0  # special-token strings inside the prompt's message texts
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class Turn:
     first_token_seconds: float
     finish_reason: str
     reference: str | None
+    control_tokens_in_content: int = 0
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,7 @@ class ConversationReplay:
             first_token_seconds=outcome.first_token_seconds,
             finish_reason=outcome.finish_reason,
             reference=reference.content if reference is not None else None,
+            control_tokens_in_content=outcome.control_tokens_in_content,
         )
         self.turns.append(turn)
         self._advance()
@@ -209,16 +212,19 @@ def replay_all(
     *,
     run_seed: int,
     samples: int = 1,
+    done: Container[tuple[str, int]] = frozenset(),
     on_turn: Callable[[Turn | None], None] | None = None,
 ) -> Iterator[ReplayedConversation]:
     """Replay every (conversation, sample), batching pending turns; yield results in input order.
+
+    `done` holds the (str(id), sample) pairs a resumed run already has: they are skipped.
 
     At most `4 * engine.batch_size` conversations are in flight or waiting to be yielded, so memory
     grows with the batch size, not with the input. Each batch is anchored on the oldest pending
     turn (so results flow out in order) and filled with the pending turns closest to it in length
     (so little padding).
     """
-    jobs = ((c, s) for c in conversations for s in range(samples))
+    jobs = ((c, s) for c in conversations for s in range(samples) if (str(c.id), s) not in done)
     active: dict[int, ConversationReplay] = {}
     finished: dict[int, ReplayedConversation] = {}
     started = emitted = 0

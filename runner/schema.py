@@ -6,6 +6,7 @@ compose time; cross-field rules live in `__post_init__` and fail in `to_run_conf
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -57,6 +58,11 @@ class InputFormat(Enum):
     messages = "messages"  # OpenAI: {"id", "messages": [{"role", "content"}]}
     sharegpt = "sharegpt"  # ShareGPT: {"id", "conversations": [{"from", "value"}]}
     turns = "turns"  # MT-bench: {"question_id", "turns": [user turn, ...]}
+
+
+class OnError(Enum):
+    fail = "fail"  # list every bad line, exit 1, generate nothing
+    skip = "skip"  # bad lines go to rejected.jsonl; every good conversation is replayed
 
 
 class ReplayMode(Enum):
@@ -179,6 +185,12 @@ class EngineConfig:
 class InputConfig:
     path: str = MISSING
     format: InputFormat = InputFormat.auto
+    on_error: OnError = OnError.fail
+    max_line_bytes: int = 16 * 2**20
+
+    def __post_init__(self) -> None:
+        if self.max_line_bytes < 1:
+            raise ConfigError("input.max_line_bytes must be >= 1")
 
 
 @dataclass
@@ -197,6 +209,7 @@ class RunConfig:
     input: InputConfig = field(default_factory=InputConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     cache_dir: str = MISSING
+    resume: bool = False
 
 
 GROUP_SCHEMAS = {
@@ -215,6 +228,39 @@ def register_configs() -> None:
     store.store(name="config_schema", node=RunConfig)
     for group, schema in GROUP_SCHEMAS.items():
         store.store(group=group, name=f"{group}_schema", node=schema)
+
+
+# Keys that name a secret, and values shaped like a Hugging Face token.
+SECRET_KEYS = {
+    "token",
+    "hf_token",
+    "hub_token",
+    "auth_token",
+    "access_token",
+    "api_key",
+    "apikey",
+    "secret",
+    "password",
+}
+HF_TOKEN_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
+
+
+def refuse_secrets(arguments: list[str]) -> None:
+    """Stop before Hydra writes the overrides to .hydra/: secrets come from the environment only."""
+    for argument in arguments:
+        key, _, value = argument.partition("=")
+        if value and (key.lstrip("+~").split(".")[-1].lower() in SECRET_KEYS or HF_TOKEN_VALUE.search(value)):
+            raise ConfigError(
+                f"refusing the override {key}=...: it looks like a secret, and overrides are saved in "
+                "the run dir; set HF_TOKEN in the environment instead"
+            )
+
+
+def config_record(cfg: RunConfig) -> dict[str, Any]:
+    """The run config as plain JSON data (what resume compares; `resume` itself left out)."""
+    record = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+    del record["resume"]
+    return record
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:

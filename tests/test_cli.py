@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,13 @@ def test_replay_end_to_end(quant, write_jsonl, tmp_path, embedded_dir):
         f"quant={quant}", f"input.path={source}", "generation.max_new_tokens=4", f"hydra.run.dir={run_dir}"
     )
     assert done.returncode == 0, done.stderr
-    assert {p.name for p in run_dir.iterdir()} == {".hydra", "chats", "summary.json", "chat-runner.log"}
+    assert {p.name for p in run_dir.iterdir()} == {
+        ".hydra",
+        "chats",
+        "summary.json",
+        "manifest.json",
+        "chat-runner.log",
+    }
     assert {p.name for p in (run_dir / ".hydra").iterdir()} == {"config.yaml", "hydra.yaml", "overrides.yaml"}
     assert yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["quant"]["method"] == quant
 
@@ -165,3 +172,71 @@ def test_runs_in_the_same_second_get_distinct_dirs(tmp_path, monkeypatch):
 
     outputs._claimed_dirs.clear()  # a second process
     assert unique_dir(base) == base + "-2"
+
+
+@pytest.mark.slow
+def test_skip_mode_rejects_bad_lines_and_replays_the_rest(write_jsonl, tmp_path):
+    source = write_jsonl([INPUT[0], b"{not json", INPUT[1], chat("persona", ("user", "dup"))])
+    run_dir = tmp_path / "run"
+    done = run_cli(
+        "input.on_error=skip",
+        f"input.path={source}",
+        "generation.max_new_tokens=2",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert done.returncode == 0, done.stderr
+    rejected = read_jsonl(run_dir / "rejected.jsonl")
+    assert [(r["line"], r["code"], r["id"]) for r in rejected] == [
+        (2, "invalid_json", None),
+        (4, "duplicate_id", "persona"),
+    ]
+    assert rejected[0]["raw"] == "{not json" and rejected[0]["file"] == str(source)
+    assert [r["id"] for r in read_jsonl(run_dir / "chats" / "chats.jsonl")] == ["persona", 2]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # Every input line is accounted for exactly once: replayed or rejected.
+    assert summary["records"] + sum(summary["rejected"].values()) == 4
+    assert summary["rejected"] == {"invalid_json": 1, "duplicate_id": 1}
+
+
+@pytest.mark.slow
+def test_empty_input_file_is_a_run_of_zero(tmp_path):
+    source = tmp_path / "empty.jsonl"
+    source.write_text("")
+    done = run_cli(f"input.path={source}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["conversations"], summary["records"], summary["turns"]) == (0, 0, 0)
+
+
+@pytest.mark.slow
+def test_hub_token_from_the_environment_is_written_nowhere(write_jsonl, tmp_path):
+    sentinel = "hf_SENTINELsentinelSENTINEL0123456789"
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runner",
+            f"input.path={write_jsonl(INPUT)}",
+            "generation.max_new_tokens=2",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_TOKEN": sentinel},
+    )
+    assert done.returncode == 0, done.stderr
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert len(files) >= 7
+    assert not [p for p in files if sentinel.encode() in p.read_bytes()]
+
+
+@pytest.mark.parametrize(
+    "override", ["+hf_token=abc", "+model.token=abc", "model.id=hf_abcdefghijklmnopqrstuvwxyz0"]
+)
+def test_token_like_overrides_are_refused_before_anything_is_written(override, tmp_path):
+    done = run_cli(override, f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode == 1 and "looks like a secret" in done.stderr
+    assert not (tmp_path / "run").exists()

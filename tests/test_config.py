@@ -72,9 +72,10 @@ def test_default_config(compose_config):
             "num_samples": 1,
         },
         "engine": {"kind": "batched", "batch_size": 32, "cache_mb": 1024},
-        "input": {"path": "conversations", "format": "auto"},
+        "input": {"path": "conversations", "format": "auto", "on_error": "fail", "max_line_bytes": 16777216},
         "replay": {"mode": "regenerate"},
         "cache_dir": "${oc.env:CHAT_RUNNER_CACHE,'~/.cache/chat-runner'}",
+        "resume": False,
     }
 
 
@@ -256,6 +257,7 @@ def test_unknown_keys_and_wrong_types_fail_at_compose_time(compose_config, overr
         (["engine.batch_size=many"], "engine.batch_size must be an integer >= 1 or auto"),
         (["engine=pipeline", "engine.batch_size=8"], "use engine=batched for batch_size > 1"),
         (["engine.cache_mb=-1"], "engine.cache_mb must be >= 0"),
+        (["input.max_line_bytes=0"], "input.max_line_bytes must be >= 1"),
     ],
 )
 def test_cross_field_rules_fail_with_a_clear_message(compose_config, overrides, message):

@@ -11,6 +11,7 @@ from runner.conversations import (
     Message,
     fold_system_message,
     load_conversations,
+    read_conversations,
     resolve_input_files,
 )
 from runner.errors import InputError
@@ -165,12 +166,42 @@ def test_every_problem_in_every_file_is_listed_at_once(write_jsonl):
         load_conversations([first, second, third])
     assert caught.value.problems == [
         f"{first}:1: invalid JSON: Expecting value (column 1)",
+        f"{second}:1: duplicate id 'a' (first at {first}:2)",
         f"{second}:2: expected exactly one of 'messages' or 'conversations' or 'turns' (found none); "
         "input.format=... forces one",
-        f"{first}:2: duplicate id 'a', also at {second}:1",
-        f"{second}:3: duplicate id '1', also at {third}:1",
+        f"{third}:1: duplicate id '1' (first at {second}:3)",
     ]
     assert "3 problem(s)" not in str(caught.value) and "4 problem(s) in the input" in str(caught.value)
+
+
+def test_read_conversations_keeps_the_good_and_rejects_the_bad_with_codes(write_jsonl):
+    path = write_jsonl(
+        [GOOD, b"{broken", chat("a", ("user", "again")), chat(2, ("robot", "x")), chat(3, ("user", "ok"))]
+    )
+    conversations, rejected = read_conversations([path])
+    assert [c.id for c in conversations] == ["a", 3]
+    assert [(r.line, r.id, r.code) for r in rejected] == [
+        (2, None, "invalid_json"),
+        (3, "a", "duplicate_id"),
+        (4, 2, "unknown_role"),
+    ]
+    assert rejected[0].as_dict() == {
+        "file": str(path),
+        "line": 2,
+        "id": None,
+        "code": "invalid_json",
+        "message": "invalid JSON: Expecting property name enclosed in double quotes (column 2)",
+        "raw": "{broken",
+    }
+
+
+def test_a_huge_line_is_rejected_without_being_parsed(write_jsonl):
+    huge = json.dumps(chat("big", ("user", "x" * 5000))).encode()
+    path = write_jsonl([GOOD, huge, chat("after", ("user", "still read"))])
+    conversations, [rejected] = read_conversations([path], max_line_bytes=1000)
+    assert [c.id for c in conversations] == ["a", "after"]
+    assert (rejected.line, rejected.code, len(rejected.raw)) == (2, "line_too_long", 1001)
+    assert "input.max_line_bytes=1000" in rejected.message
 
 
 def test_input_path_file_directory_and_glob(tmp_path):

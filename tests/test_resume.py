@@ -1,0 +1,161 @@
+"""Crash safety and resume, with real processes: kill -9, SIGTERM, torn lines, a full disk."""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import PROJECT, chat
+
+pytestmark = pytest.mark.slow
+
+TIMINGS = ("seconds", "first_token_seconds")
+ARGS = ["generation.max_new_tokens=4", "engine.batch_size=4"]
+
+
+def command(source: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "runner", f"input.path={source}", f"hydra.run.dir={run_dir}", *ARGS, *extra]
+
+
+def run(source: Path, run_dir: Path, *extra: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command(source, run_dir, *extra), cwd=PROJECT, capture_output=True, text=True, timeout=300, **kwargs
+    )
+
+
+def chats(run_dir: Path) -> Path:
+    return run_dir / "chats" / "twenty.jsonl"
+
+
+def without_timings(path: Path) -> list[dict]:
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    for record in records:
+        for turn in record["replay"]["turns"]:
+            for key in TIMINGS:
+                turn.pop(key)
+    return records
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, embedded_dir) -> tuple[Path, list[dict]]:
+    """An uninterrupted run: what every interrupted-then-resumed run must end up equal to."""
+    root = tmp_path_factory.mktemp("reference")
+    records = [
+        chat(
+            f"c{i:02d}",
+            ("user", f"Name a fruit that starts with the letter {chr(65 + i)}."),
+            ("user", "Why?"),
+        )
+        for i in range(20)
+    ]
+    source = root / "twenty.jsonl"
+    source.write_text("".join(json.dumps(record) + "\n" for record in records))
+    done = run(source, root / "run")
+    assert done.returncode == 0, done.stderr
+    return source, without_timings(chats(root / "run"))
+
+
+def start_and_stop_after(
+    source: Path, run_dir: Path, records: int, how: signal.Signals
+) -> tuple[int, bytes, str]:
+    """Start a run, send `how` once `records` records are on disk; return exit code, chats bytes, stderr."""
+    process = subprocess.Popen(command(source, run_dir), cwd=PROJECT, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if chats(run_dir).exists() and chats(run_dir).read_bytes().count(b"\n") >= records:
+            break
+        time.sleep(0.02)
+    process.send_signal(how)
+    _, stderr = process.communicate(timeout=60)
+    assert 0 < chats(run_dir).read_bytes().count(b"\n") < 20, "the signal came after the run ended"
+    return process.returncode, chats(run_dir).read_bytes(), stderr
+
+
+@pytest.mark.parametrize("after", [2, 13])
+def test_kill_9_then_resume_ends_equal_to_an_uninterrupted_run(reference, tmp_path, after):
+    source, expected = reference
+    run_dir = tmp_path / "run"
+    code, before, _ = start_and_stop_after(source, run_dir, after, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    done = run(source, run_dir, "resume=true")
+    assert done.returncode == 0, done.stderr
+    after_bytes = chats(run_dir).read_bytes()
+    whole = before[: before.rfind(b"\n") + 1]
+    assert after_bytes.startswith(whole)  # records from before the kill are kept byte for byte
+    final = without_timings(chats(run_dir))
+    assert [r["id"] for r in final] == [f"c{i:02d}" for i in range(20)]  # each exactly once, in order
+    assert final == expected
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["records"] == 20 and summary["records_kept_from_before"] == whole.count(b"\n")
+    assert summary["turns"] == 40 and summary["status"] == "completed"
+
+
+def test_sigterm_keeps_what_is_complete_and_says_how_to_resume(reference, tmp_path):
+    source, expected = reference
+    run_dir = tmp_path / "run"
+    code, before, stderr = start_and_stop_after(source, run_dir, 3, signal.SIGTERM)
+    assert code == 1
+    assert f"hydra.run.dir={run_dir} resume=true" in stderr and "Traceback" not in stderr
+    assert before.endswith(b"\n")  # nothing half-written
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["records"] == before.count(b"\n")
+    assert run(source, run_dir, "resume=true").returncode == 0
+    assert without_timings(chats(run_dir)) == expected
+
+
+def test_torn_last_line_is_set_aside_and_regenerated_once(reference, tmp_path):
+    source, expected = reference
+    run_dir = tmp_path / "run"
+    assert run(source, run_dir).returncode == 0
+    data = chats(run_dir).read_bytes()
+    lines = data.splitlines(keepends=True)
+    torn = b"".join(lines[:5]) + lines[5][:40]  # a crash in the middle of writing record 6
+    chats(run_dir).write_bytes(torn)
+    done = run(source, run_dir, "resume=true")
+    assert done.returncode == 0, done.stderr
+    offset = len(b"".join(lines[:5]))
+    assert (run_dir / "chats" / f"twenty.jsonl.corrupt-{offset}").read_bytes() == lines[5][:40]
+    assert chats(run_dir).read_bytes().startswith(b"".join(lines[:5]))
+    assert without_timings(chats(run_dir)) == expected
+
+
+def test_resume_refuses_a_changed_config_or_input(reference, tmp_path):
+    source, _ = reference
+    run_dir = tmp_path / "run"
+    assert run(source, run_dir).returncode == 0
+    changed_config = run(source, run_dir, "resume=true", "generation.repetition_penalty=1.2")
+    assert changed_config.returncode == 1
+    assert "config generation.repetition_penalty: 1.0 then, 1.2 now" in changed_config.stderr
+    edited = tmp_path / "twenty.jsonl"
+    shutil.copy(source, edited)
+    with edited.open("a") as stream:
+        stream.write(json.dumps(chat("extra", ("user", "One more?"))) + "\n")
+    changed_input = run(edited, run_dir, "resume=true")
+    assert changed_input.returncode == 1 and "input files:" in changed_input.stderr
+    again = run(source, run_dir)
+    assert again.returncode == 1 and "add resume=true to continue it" in again.stderr
+
+
+def _small_file_limit() -> None:
+    """In the child: files may not grow past 10 KB, as on a disk that fills up."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, 10_000))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def test_full_disk_is_a_clear_error_that_keeps_whole_records(reference, tmp_path):
+    source, expected = reference
+    run_dir = tmp_path / "run"
+    done = run(source, run_dir, preexec_fn=_small_file_limit)
+    assert done.returncode == 1
+    assert f"could not write {chats(run_dir)}: File too large" in done.stderr
+    assert "Traceback" not in done.stderr
+    kept = without_timings(chats(run_dir))  # every line on disk is a whole record
+    assert 0 < len(kept) < 20 and kept == expected[: len(kept)]
+    assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]  # no temp files left
