@@ -89,7 +89,9 @@ def run_contender(args: argparse.Namespace) -> dict:
     if cfg.model.source is ModelSource.embedded:
         embedded = model.embedded_checkpoint(cfg.model.package, Path(cfg.cache_dir).expanduser())
     arguments = model.transformers_arguments(cfg, hardware, embedded)
-    pipe = model.load_pipeline(arguments.load, engine.ChatReplayPipeline)
+    pipe = model.load_pipeline(
+        arguments.load, engine.ChatReplayPipeline, model.load_tokenizer(arguments.load)
+    )
     load_seconds = time.perf_counter() - load_start
 
     start = time.perf_counter()

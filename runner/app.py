@@ -15,7 +15,7 @@ from typing import Any
 from tqdm import tqdm
 
 from runner import engine, model
-from runner.conversations import read_conversations, resolve_input_files
+from runner.conversations import Conversation, Rejected, read_conversations, resolve_input_files
 from runner.errors import InputError, RunnerError
 from runner.outputs import (
     MANIFEST,
@@ -31,8 +31,8 @@ from runner.outputs import (
     write_json_atomically,
     write_jsonl_atomically,
 )
-from runner.replay import Turn, replay_all, replies_to_generate
-from runner.schema import ModelSource, OnError, RunConfig, config_record
+from runner.replay import Turn, final_shape, replay_all, replies_to_generate
+from runner.schema import ModelSource, OnError, ReplayMode, RunConfig, config_record
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,20 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     conversations, rejected = read_conversations(files, cfg.input.format, cfg.input.max_line_bytes)
     if rejected and cfg.input.on_error is OnError.fail:
         raise InputError([str(reject) for reject in rejected])
+
+    load_start = time.perf_counter()
+    hardware = model.detect_hardware()
+    embedded_dir = None
+    if cfg.model.source is ModelSource.embedded:
+        embedded_dir = model.embedded_checkpoint(cfg.model.package, Path(cfg.cache_dir).expanduser())
+    arguments = model.transformers_arguments(cfg, hardware, embedded_dir)
+    tokenizer = model.load_tokenizer(arguments.load)
+    # The chat template sees every conversation once before any weights load.
+    conversations, refused = _check_template(conversations, tokenizer, cfg.replay.mode)
+    rejected += refused
+    if rejected and cfg.input.on_error is OnError.fail:
+        raise InputError([str(reject) for reject in rejected])
+
     paths = chat_paths(run_dir, files)
     run_manifest = manifest(config_record(cfg), files)
     kept = _previous_records(cfg, run_dir, paths, run_manifest)
@@ -66,8 +80,10 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         f"; resuming with {len(kept)} record(s) kept" if cfg.resume else "",
     )
 
-    load_start = time.perf_counter()
-    chat_engine, location = _load_engine(cfg)
+    location = arguments.load["model"]
+    log.info("loading %s (%s)", cfg.model.name, location)
+    pipe = model.load_pipeline(arguments.load, engine.ChatReplayPipeline, tokenizer)
+    chat_engine = engine.create_engine(cfg, pipe, arguments.generate, model.resolve_batch_size(cfg, hardware))
     load_seconds = time.perf_counter() - load_start
     loaded = chat_engine.describe()
     log.info("loaded in %.1f s: %s, %s", load_seconds, loaded["dtype"], loaded["device_map"])
@@ -199,17 +215,22 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
     raise Interrupted(signal.Signals(signum).name)
 
 
-def _load_engine(cfg: RunConfig) -> tuple[Any, str]:
-    """Convert the embedded model if needed, load the pipeline, and wrap it in the chosen engine."""
-    hardware = model.detect_hardware()
-    embedded_dir = None
-    if cfg.model.source is ModelSource.embedded:
-        embedded_dir = model.embedded_checkpoint(cfg.model.package, Path(cfg.cache_dir).expanduser())
-    arguments = model.transformers_arguments(cfg, hardware, embedded_dir)
-    log.info("loading %s (%s)", cfg.model.name, arguments.load["model"])
-    pipe = model.load_pipeline(arguments.load, engine.ChatReplayPipeline)
-    batch_size = model.resolve_batch_size(cfg, hardware)
-    return engine.create_engine(cfg, pipe, arguments.generate, batch_size), arguments.load["model"]
+def _check_template(
+    conversations: list[Conversation], tokenizer: Any, mode: ReplayMode
+) -> tuple[list[Conversation], list[Rejected]]:
+    """Render each conversation's final shape with the chat template; refusals become rejects."""
+    fold = not engine.template_supports_system_role(tokenizer)
+    accepted, refused = [], []
+    for conversation in conversations:
+        problem = engine.template_error(tokenizer, final_shape(conversation, mode, fold=fold))
+        if problem is None:
+            accepted.append(conversation)
+            continue
+        message = f"the model's chat template refuses this conversation: {problem}"
+        refused.append(
+            Rejected(conversation.source, conversation.line, conversation.id, "template_error", message, b"")
+        )
+    return accepted, refused
 
 
 def _percentiles(values: Iterable[float]) -> dict[str, float | None]:

@@ -69,6 +69,15 @@ def template_supports_system_role(tokenizer: Any) -> bool:
     return _SENTINEL in rendered
 
 
+def template_error(tokenizer: Any, messages: Sequence[Message]) -> str | None:
+    """What the chat template says when it refuses these messages (None if it renders them)."""
+    try:
+        tokenizer.apply_chat_template([m.as_dict() for m in messages], tokenize=False)
+    except TemplateError as error:
+        return str(error)
+    return None
+
+
 def stop_token_ids(generation_config: Any) -> frozenset[int]:
     """All eos ids of the model's generation config (Llama 3: <|eot_id|> and <|end_of_text|>)."""
     eos = generation_config.eos_token_id

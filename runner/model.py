@@ -222,21 +222,35 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def load_pipeline(load: dict[str, Any], pipeline_class: type) -> Any:
-    """`transformers.pipeline(**load)` with a project error for a model that cannot be had."""
-    from transformers import pipeline
+def load_tokenizer(load: dict[str, Any]) -> Any:
+    """The model's tokenizer (and chat template) alone, so input can be checked before the weights load."""
+    from transformers import AutoTokenizer
 
     if load.get("trust_remote_code"):
         log.warning("trust_remote_code=true: running Python code shipped with %s", load["model"])
     try:
-        pipe = pipeline(**load, pipeline_class=pipeline_class)
-    except (OSError, ImportError) as error:
-        raise ModelLoadError(f"could not load model {load['model']!r}: {error}") from error
-    tokenizer, generation_config = pipe.tokenizer, pipe.model.generation_config
+        tokenizer = AutoTokenizer.from_pretrained(
+            load["model"], revision=load.get("revision"), trust_remote_code=load["trust_remote_code"]
+        )
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"could not load the tokenizer of {load['model']!r}: {error}") from error
+    if not tokenizer.chat_template:
+        raise ModelLoadError(f"{load['model']!r} has no chat template: chat replay needs one")
     if tokenizer.pad_token is None:
         # Padding only ever sits under a zero attention mask, so eos is a safe pad.
         tokenizer.pad_token = tokenizer.eos_token
         log.info("tokenizer has no pad token: using eos %r", tokenizer.eos_token)
-    if generation_config.pad_token_id is None:
-        generation_config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer
+
+
+def load_pipeline(load: dict[str, Any], pipeline_class: type, tokenizer: Any) -> Any:
+    """`transformers.pipeline(**load)` around `tokenizer`, with a project error for a missing model."""
+    from transformers import pipeline
+
+    try:
+        pipe = pipeline(**load, tokenizer=tokenizer, pipeline_class=pipeline_class)
+    except (OSError, ImportError) as error:
+        raise ModelLoadError(f"could not load model {load['model']!r}: {error}") from error
+    if pipe.model.generation_config.pad_token_id is None:
+        pipe.model.generation_config.pad_token_id = tokenizer.pad_token_id
     return pipe

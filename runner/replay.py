@@ -205,6 +205,15 @@ class ConversationReplay:
         )
 
 
+def final_shape(conversation: Conversation, mode: ReplayMode, *, fold: bool) -> tuple[Message, ...]:
+    """The messages a replay ends with, replies as placeholders: what to check a chat template on."""
+    replay = ConversationReplay(conversation, mode, run_seed=0, sample=0, fold=fold)
+    while not replay.done:
+        replay.record(Reply("...", 0, 0, "stop", 0.0, 0.0))
+    history = tuple(replay.history)
+    return fold_system_message(history) if replay.fold else history
+
+
 def replay_all(
     conversations: Iterable[Conversation],
     engine: Engine,

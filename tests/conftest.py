@@ -65,12 +65,10 @@ def embedded_dir() -> Path:
 def smol_pipeline(embedded_dir: Path):
     """The embedded model in fp32 on CPU, loaded once for the engine tests."""
     from runner.engine import ChatReplayPipeline
-    from runner.model import load_pipeline
+    from runner.model import load_pipeline, load_tokenizer
 
-    return load_pipeline(
-        {"task": "text-generation", "model": str(embedded_dir), "dtype": "float32", "device_map": "cpu"},
-        ChatReplayPipeline,
-    )
+    load = {"task": "text-generation", "model": str(embedded_dir), "dtype": "float32", "device_map": "cpu"}
+    return load_pipeline(load, ChatReplayPipeline, load_tokenizer({**load, "trust_remote_code": False}))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

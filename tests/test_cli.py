@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -240,3 +241,39 @@ def test_token_like_overrides_are_refused_before_anything_is_written(override, t
     done = run_cli(override, f"hydra.run.dir={tmp_path / 'run'}")
     assert done.returncode == 1 and "looks like a secret" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+STRICT_TEMPLATE = (  # the embedded template, plus a rule some templates have: no "forbidden" word
+    "{% for message in messages %}{% if 'forbidden' in message['content'] %}"
+    "{{ raise_exception('this template refuses the word forbidden') }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.mark.slow
+def test_chat_template_refusals_are_reported_per_conversation_before_loading(
+    write_jsonl, tmp_path, embedded_dir
+):
+    checkpoint = tmp_path / "strict"
+    shutil.copytree(embedded_dir, checkpoint, ignore=shutil.ignore_patterns("model.safetensors"))
+    os.symlink(embedded_dir / "model.safetensors", checkpoint / "model.safetensors")
+    (checkpoint / "chat_template.jinja").write_text(STRICT_TEMPLATE)
+    source = write_jsonl([INPUT[0], chat("bad", ("user", "Say the forbidden word.")), INPUT[1]])
+    common = [
+        "model=local",
+        f"model.path={checkpoint}",
+        f"input.path={source}",
+        "generation.max_new_tokens=2",
+    ]
+    failed = run_cli(*common, f"hydra.run.dir={tmp_path / 'fail'}")
+    assert failed.returncode == 1 and "loading" not in failed.stderr
+    assert (
+        f"{source}:2: the model's chat template refuses this conversation: this template refuses"
+        in failed.stderr
+    )
+    skipped = run_cli(*common, "input.on_error=skip", f"hydra.run.dir={tmp_path / 'skip'}")
+    assert skipped.returncode == 0, skipped.stderr
+    [rejected] = read_jsonl(tmp_path / "skip" / "rejected.jsonl")
+    assert (rejected["line"], rejected["id"], rejected["code"]) == (2, "bad", "template_error")
+    assert [r["id"] for r in read_jsonl(tmp_path / "skip" / "chats" / "chats.jsonl")] == ["persona", 2]

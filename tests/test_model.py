@@ -14,7 +14,13 @@ import pytest
 
 from runner.engine import ChatReplayPipeline
 from runner.errors import ModelLoadError
-from runner.model import _remove_abandoned_conversions, embedded_checkpoint, embedded_gguf, load_pipeline
+from runner.model import (
+    _remove_abandoned_conversions,
+    embedded_checkpoint,
+    embedded_gguf,
+    load_pipeline,
+    load_tokenizer,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -68,12 +74,13 @@ def test_tokenizer_without_pad_token_gets_eos(embedded_dir, tmp_path):
         data.pop(key, None)
         (checkpoint / name).write_text(json.dumps(data))
     load = {"task": "text-generation", "model": str(checkpoint), "dtype": "float32", "device_map": "cpu"}
-    pipe = load_pipeline(load, ChatReplayPipeline)
+    load["trust_remote_code"] = False
+    pipe = load_pipeline(load, ChatReplayPipeline, load_tokenizer(load))
     assert pipe.tokenizer.pad_token == pipe.tokenizer.eos_token == "<|im_end|>"
     assert pipe.model.generation_config.pad_token_id == pipe.tokenizer.eos_token_id
 
 
 def test_missing_local_model_is_a_load_error(tmp_path):
-    load = {"task": "text-generation", "model": str(tmp_path / "absent"), "device_map": "cpu"}
-    with pytest.raises(ModelLoadError, match="could not load model"):
-        load_pipeline(load, ChatReplayPipeline)
+    load = {"task": "text-generation", "model": str(tmp_path / "absent"), "trust_remote_code": False}
+    with pytest.raises(ModelLoadError, match="could not load the tokenizer of"):
+        load_tokenizer(load)
