@@ -9,7 +9,7 @@ from __future__ import annotations
 import glob
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -67,8 +67,35 @@ class LineError(ValueError):
         self.code = code
 
 
-def resolve_input_files(path: str) -> list[Path]:
-    """A file, a directory (its *.jsonl, sorted) or a glob pattern -> the files to read, in order."""
+def resolve_input_files(paths: str | Sequence[str]) -> list[Path]:
+    """Files, directories (their *.jsonl, sorted) or globs -> the files to read, in order.
+
+    A file reached twice (named twice, or by a name and a glob) is an error, not read twice.
+    """
+    files: list[Path] = []
+    problems: list[str] = []
+    first_named: dict[Path, str] = {}
+    for path in [paths] if isinstance(paths, str) else paths:
+        try:
+            matched = _matching_files(path)
+        except InputError as error:
+            problems += error.problems
+            continue
+        for file in matched:
+            resolved = file.resolve()
+            if resolved in first_named:
+                problems.append(
+                    f"{file}: named twice in input.path (by {first_named[resolved]!r} and {path!r})"
+                )
+                continue
+            first_named[resolved] = path
+            files.append(file)
+    if problems:
+        raise InputError(problems)
+    return files
+
+
+def _matching_files(path: str) -> list[Path]:
     candidate = Path(path).expanduser()
     if candidate.is_dir():
         files = sorted(candidate.glob("*.jsonl"))

@@ -183,12 +183,15 @@ class EngineConfig:
 
 @dataclass
 class InputConfig:
-    path: str = MISSING
+    path: Any = MISSING  # a file, directory or glob, or a list of them
     format: InputFormat = InputFormat.auto
     on_error: OnError = OnError.fail
     max_line_bytes: int = 16 * 2**20
 
     def __post_init__(self) -> None:
+        paths = [self.path] if isinstance(self.path, str) else self.path
+        if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
+            raise ConfigError(f"input.path must be a path, a glob, or a list of them; got {self.path!r}")
         if self.max_line_bytes < 1:
             raise ConfigError("input.max_line_bytes must be >= 1")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import chat
@@ -218,6 +219,18 @@ def test_input_path_file_directory_and_glob(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match=r"has no \*\.jsonl files"):
         resolve_input_files(str(tmp_path / "empty"))
+
+
+def test_input_path_list_and_a_file_named_twice(tmp_path):
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / name).write_text("")
+    a, b = str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")
+    assert resolve_input_files([b, a]) == [Path(b), Path(a)]
+    with pytest.raises(InputError) as caught:
+        resolve_input_files([a, str(tmp_path / "*.jsonl")])
+    assert caught.value.problems == [
+        f"{a}: named twice in input.path (by {a!r} and {str(tmp_path / '*.jsonl')!r})"
+    ]
 
 
 def test_empty_file_gives_no_conversations(write_jsonl):
