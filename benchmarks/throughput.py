@@ -67,7 +67,7 @@ def run_contender(args: argparse.Namespace) -> dict:
     from runner import engine, model
     from runner.conversations import load_conversations, resolve_input_files
     from runner.replay import replay_all
-    from runner.schema import ModelSource, register_configs, to_run_config
+    from runner.schema import register_configs, to_run_config
 
     register_configs()
     engine_choice = "pipeline" if args.child == "seed" else args.child
@@ -84,11 +84,7 @@ def run_contender(args: argparse.Namespace) -> dict:
     conversations = load_conversations(resolve_input_files(args.input))[: args.conversations]
 
     load_start = time.perf_counter()
-    hardware = model.detect_hardware()
-    embedded = None
-    if cfg.model.source is ModelSource.embedded:
-        embedded = model.embedded_checkpoint(cfg.model.package, Path(cfg.cache_dir).expanduser())
-    arguments = model.transformers_arguments(cfg, hardware, embedded)
+    hardware, arguments = model.prepare(cfg)
     pipe = model.load_pipeline(
         arguments.load, engine.ChatReplayPipeline, model.load_tokenizer(arguments.load)
     )

@@ -32,7 +32,7 @@ from runner.outputs import (
     write_jsonl_atomically,
 )
 from runner.replay import Turn, final_shape, replay_all, replies_to_generate
-from runner.schema import ModelSource, OnError, ReplayMode, RunConfig, config_record
+from runner.schema import OnError, ReplayMode, RunConfig, config_record
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         raise InputError([str(reject) for reject in rejected])
 
     load_start = time.perf_counter()
-    hardware = model.detect_hardware()
-    embedded_dir = None
-    if cfg.model.source is ModelSource.embedded:
-        embedded_dir = model.embedded_checkpoint(cfg.model.package, Path(cfg.cache_dir).expanduser())
-    arguments = model.transformers_arguments(cfg, hardware, embedded_dir)
+    hardware, arguments = model.prepare(cfg)
     tokenizer = model.load_tokenizer(arguments.load)
     # The chat template sees every conversation once before any weights load.
     conversations, refused = _check_template(conversations, tokenizer, cfg.replay.mode)

@@ -6,6 +6,7 @@ Everything is checked before any weights load, and every problem in every file i
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 from collections import Counter
@@ -23,6 +24,7 @@ ROLES = ("system", "user", "assistant")
 RESERVED_KEYS = ("replay",)
 SYSTEM_FOLD_SEPARATOR = "\n\n"
 MAX_LINE_BYTES = 16 * 2**20
+OPENAI_ROLES = {role: role for role in ROLES}
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
@@ -269,41 +271,18 @@ def _parse_turns(value: Any, key: str) -> tuple[Message, ...]:
     return tuple(Message("user", _text(f"{key}[{index}]", turn)) for index, turn in enumerate(value))
 
 
-def _parse_sharegpt(value: Any, key: str) -> tuple[Message, ...]:
-    """ShareGPT style: {"from": "system" | "human" | "gpt", "value": ...}."""
+def _parse_entries(
+    value: Any, key: str, *, role_key: str, text_key: str, roles: Mapping[str, str]
+) -> tuple[Message, ...]:
+    """OpenAI ({"role", "content"}) or ShareGPT ({"from": "system" | "human" | "gpt", "value"})."""
     if not isinstance(value, list) or not value:
         raise LineError(
             "no_messages",
-            f'{_missing_or(value, key)} must be a non-empty list of {{"from", "value"}} objects',
+            f"{_missing_or(value, key)} must be a non-empty list of {{{role_key!r}, {text_key!r}}} objects",
         )
-    messages = []
-    for index, item in enumerate(value):
-        where = f"{key}[{index}]"
-        if not isinstance(item, dict):
-            raise LineError("invalid_message", f"{where}: expected an object, got {_json_type(item)}")
-        unknown = sorted(set(item) - {"from", "value"})
-        if unknown:
-            raise LineError(
-                "invalid_message", f"{where}: unsupported key(s) {unknown} (only 'from' and 'value')"
-            )
-        role = SHAREGPT_ROLES.get(item.get("from"))
-        if role is None:
-            allowed = ", ".join(SHAREGPT_ROLES)
-            raise LineError(
-                "unknown_role", f"{where}: unknown 'from' {item.get('from')!r} (allowed: {allowed})"
-            )
-        messages.append(Message(role, _text(where, item.get("value"), "value")))
-    return tuple(messages)
-
-
-def _parse_openai(value: Any, key: str) -> tuple[Message, ...]:
-    """OpenAI style: {"role", "content"}, content a string or a list of text parts."""
-    if not isinstance(value, list) or not value:
-        raise LineError(
-            "no_messages",
-            f'{_missing_or(value, key)} must be a non-empty list of {{"role", "content"}} objects',
-        )
-    return tuple(_parse_message(index, item) for index, item in enumerate(value))
+    return tuple(
+        _parse_entry(f"{key}[{index}]", item, role_key, text_key, roles) for index, item in enumerate(value)
+    )
 
 
 def _missing_or(value: Any, key: str) -> str:
@@ -327,22 +306,23 @@ def _validate_order(messages: tuple[Message, ...]) -> tuple[Message, ...]:
     return messages
 
 
-def _parse_message(index: int, item: Any) -> Message:
-    where = f"messages[{index}]"
+def _parse_entry(where: str, item: Any, role_key: str, text_key: str, roles: Mapping[str, str]) -> Message:
+    """One message object: exactly a role key and a text key, a known role, a valid text."""
     if not isinstance(item, dict):
         raise LineError("invalid_message", f"{where}: expected an object, got {_json_type(item)}")
-    unknown = sorted(set(item) - {"role", "content"})
+    unknown = sorted(set(item) - {role_key, text_key})
     if unknown:
         raise LineError(
-            "invalid_message", f"{where}: unsupported key(s) {unknown} (only 'role' and 'content')"
+            "invalid_message", f"{where}: unsupported key(s) {unknown} (only {role_key!r} and {text_key!r})"
         )
-    role = item.get("role")
-    if role not in ROLES:
-        raise LineError("unknown_role", f"{where}: unknown role {role!r} (allowed: {', '.join(ROLES)})")
-    content = item.get("content")
-    if isinstance(content, list):
-        content = _join_text_parts(where, content)
-    return Message(role, _text(where, content))
+    role = item.get(role_key)
+    if not isinstance(role, str) or role not in roles:
+        allowed = ", ".join(roles)
+        raise LineError("unknown_role", f"{where}: unknown {role_key} {role!r} (allowed: {allowed})")
+    text = item.get(text_key)
+    if isinstance(text, list):
+        text = _join_text_parts(where, text)
+    return Message(roles[role], _text(where, text, text_key))
 
 
 def _join_text_parts(where: str, parts: list[Any]) -> str:
@@ -406,7 +386,11 @@ FORMAT_KEYS = {
     InputFormat.turns: "turns",
 }
 FORMAT_PARSERS = {
-    InputFormat.messages: _parse_openai,
-    InputFormat.sharegpt: _parse_sharegpt,
+    InputFormat.messages: functools.partial(
+        _parse_entries, role_key="role", text_key="content", roles=OPENAI_ROLES
+    ),
+    InputFormat.sharegpt: functools.partial(
+        _parse_entries, role_key="from", text_key="value", roles=SHAREGPT_ROLES
+    ),
     InputFormat.turns: _parse_turns,
 }

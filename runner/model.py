@@ -108,6 +108,15 @@ def resolve_batch_size(cfg: RunConfig, hardware: Hardware) -> int:
     return AUTO_BATCH_SIZE["cuda" if on_gpu else "cpu"]
 
 
+def prepare(cfg: RunConfig) -> tuple[Hardware, TransformersArguments]:
+    """Detect the hardware, convert an embedded model once if needed, and translate the config."""
+    hardware = detect_hardware()
+    embedded_dir = None
+    if cfg.model.source is ModelSource.embedded:
+        embedded_dir = embedded_checkpoint(cfg.model.package, Path(cfg.cache_dir).expanduser())
+    return hardware, transformers_arguments(cfg, hardware, embedded_dir)
+
+
 def _device_map(cfg: RunConfig, hardware: Hardware) -> str:
     kind = cfg.device.kind
     if kind is DeviceKind.cuda and hardware.cuda_devices == 0:

@@ -112,7 +112,7 @@ BAD_LINES = [
     (b'{"id": 1, "turns": ["q", ""]}', "turns[1]: 'content' is empty"),
     (
         b'{"id": 1, "conversations": [{"from": "bot", "value": "q"}]}',
-        "unknown 'from' 'bot' (allowed: system,",
+        "unknown from 'bot' (allowed: system,",
     ),
     (
         b'{"id": 1, "conversations": [{"from": "human", "value": 3}]}',
