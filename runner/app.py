@@ -46,7 +46,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     files = resolve_input_files(cfg.input.path)
     conversations, rejected = read_conversations(files, cfg.input.format, cfg.input.max_line_bytes)
-    if rejected and cfg.input.on_error is OnError.fail:
+    if rejected and cfg.input.on_error is OnError.fail:  # before touching the model at all
         raise InputError([str(reject) for reject in rejected])
 
     load_start = time.perf_counter()
