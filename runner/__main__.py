@@ -6,14 +6,16 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from runner.errors import ConfigError, RunnerError
-from runner.outputs import unique_dir
+from runner.outputs import safe_name, unique_dir
 from runner.schema import refuse_secrets, register_configs, to_run_config
 
 register_configs()
 OmegaConf.register_new_resolver("unique_dir", unique_dir)
+OmegaConf.register_new_resolver("safe_name", safe_name)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -24,6 +26,8 @@ def main(cfg: DictConfig) -> None:
         run(to_run_config(cfg), Path(HydraConfig.get().runtime.output_dir))
     except RunnerError as error:
         logging.getLogger("runner").error("%s", error)
+        if HydraConfig.get().mode is RunMode.MULTIRUN:
+            raise  # this job fails; the sweep's other jobs still run
         sys.exit(1)
 
 

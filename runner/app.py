@@ -48,6 +48,9 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     conversations, rejected = read_conversations(files, cfg.input.format, cfg.input.max_line_bytes)
     if rejected and cfg.input.on_error is OnError.fail:  # before touching the model at all
         raise InputError([str(reject) for reject in rejected])
+    if cfg.shard.count > 1:
+        conversations = conversations[cfg.shard.index :: cfg.shard.count]
+        log.info("shard %d of %d: %d conversation(s)", cfg.shard.index, cfg.shard.count, len(conversations))
 
     load_start = time.perf_counter()
     hardware, arguments = model.prepare(cfg)

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 from collections.abc import Iterable
@@ -63,6 +64,11 @@ def unique_dir(base: str) -> str:
     return _claimed_dirs[base]
 
 
+def safe_name(text: str, limit: int = 200) -> str:
+    """Hydra resolver for sweep job dirs: overrides as a name of [A-Za-z0-9._=,+-] only."""
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)[:limit] or "defaults"
+
+
 def chat_paths(run_dir: Path, files: Iterable[Path]) -> dict[Path, Path]:
     """Map each input file to `chats/<stem>.jsonl`; two inputs may not share a stem."""
     paths: dict[Path, Path] = {}
@@ -89,6 +95,7 @@ def chat_record(replayed: ReplayedConversation, chat_template_sha256: str) -> di
         **conversation.extra,
         "messages": [message.as_dict() for message in replayed.messages],
         "replay": {
+            "line": conversation.line,
             "sample": replayed.sample,
             "seed": replayed.seed,
             "system_folded": replayed.system_folded,

@@ -202,6 +202,18 @@ class ReplayConfig:
 
 
 @dataclass
+class ShardConfig:
+    index: int = 0  # this job's shard, 0 <= index < count
+    count: int = 1  # conversation i (input order) belongs to shard i % count
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ConfigError(
+                f"shard.index must be in [0, shard.count); got index {self.index}, count {self.count}"
+            )
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = MISSING
     precision: PrecisionConfig = MISSING
@@ -211,6 +223,7 @@ class RunConfig:
     engine: EngineConfig = MISSING
     input: InputConfig = field(default_factory=InputConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
     cache_dir: str = MISSING
     resume: bool = False
 
