@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import subprocess
@@ -78,6 +79,26 @@ def test_a_failing_job_does_not_stop_the_sweep(write_jsonl, tmp_path):
     failed, succeeded = sorted(p for p in tmp_path.iterdir() if p.is_dir())
     assert not (failed / "summary.json").exists()
     assert json.loads((succeeded / "summary.json").read_text())["status"] == "completed"
+    # The report, written after each job, has both rows: the failure with its error.
+    with (tmp_path / "report.csv").open() as stream:
+        rows = list(csv.DictReader(stream))
+    assert [(r["job"], r["status"], r["model"]) for r in rows] == [
+        (failed.name, "failed", "hub"),
+        (succeeded.name, "completed", "smollm2_135m"),
+    ]
+    assert "model 'hub' has source=hub but no id" in rows[0]["error"]
+    assert float(rows[1]["tokens_per_second"]) > 0 and float(rows[1]["peak_memory_gib"]) > 0
+    assert f"| {succeeded.name} | model=smollm2_135m" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "report.png").read_bytes().startswith(b"\x89PNG")
+    (tmp_path / "report.csv").unlink()
+    again = subprocess.run(
+        [sys.executable, "-m", "runner.report", str(tmp_path)],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 0 and "2 job(s)" in again.stdout and (tmp_path / "report.csv").exists()
 
 
 def fake_shard(root: Path, index: int, count: int, ids: list[str], **changes) -> Path:
