@@ -151,3 +151,49 @@ def test_merge_refuses_incomplete_overlapping_or_mismatched_shards(tmp_path, sec
     with pytest.raises(RunnerError, match=re.escape(message)):
         merge([first, other], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_local_submitit_launcher_runs_a_two_job_sweep(write_jsonl, tmp_path):
+    source = write_jsonl(FIVE[:2])
+    sweep = runner(
+        "-m",
+        "hydra/launcher=local",
+        "quant=none,int4",
+        f"input.path={source}",
+        "generation.max_new_tokens=2",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert sweep.returncode == 0, sweep.stderr
+    jobs = sorted(p for p in tmp_path.iterdir() if (p / ".hydra").is_dir())
+    assert [job.name for job in jobs] == [
+        "0_generation.max_new_tokens=2,quant=none",
+        "1_generation.max_new_tokens=2,quant=int4",
+    ]
+    for job, quant in zip(jobs, ("none", "int4"), strict=True):
+        summary = json.loads((job / "summary.json").read_text())
+        assert (summary["status"], summary["quant"], summary["records"]) == ("completed", quant, 2)
+    with (tmp_path / "report.csv").open() as stream:
+        assert [row["status"] for row in csv.DictReader(stream)] == ["completed", "completed"]
+
+
+def test_requeue_hook_resumes_the_same_job(compose_config):
+    from hydra_plugins.chat_runner_launcher import ResumingSlurmLauncher
+
+    launcher = ResumingSlurmLauncher()
+    requeued = launcher.checkpoint(["quant=int8", "resume=false"], "hydra.sweep.dir", 3, "job_id_for_3", {})
+    assert requeued.function is launcher
+    assert requeued.args == (["quant=int8", "resume=true"], "hydra.sweep.dir", 3, "job_id_for_3", {})
+
+
+def test_slurm_preset_requeues_on_timeout():
+    from hydra import compose, initialize
+
+    with initialize(version_base="1.3", config_path="../conf"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.chat_runner_launcher.ResumingSlurmLauncher"
+    assert launcher.max_num_timeout == 5  # submitit's default of 0 would never requeue a timed-out job
+    assert (launcher.gpus_per_node, launcher.array_parallelism, launcher.timeout_min) == (1, 16, 240)
+    # The job dir name leaves out resume, so a requeued job (resume=true) writes into the same dir.
+    assert "resume" in cfg.hydra.job.config.override_dirname.exclude_keys
