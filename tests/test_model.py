@@ -84,3 +84,12 @@ def test_missing_local_model_is_a_load_error(tmp_path):
     load = {"task": "text-generation", "model": str(tmp_path / "absent"), "trust_remote_code": False}
     with pytest.raises(ModelLoadError, match="could not load the tokenizer of"):
         load_tokenizer(load)
+
+
+def test_trust_remote_code_is_said_in_the_log(embedded_dir, caplog):
+    load = {"task": "text-generation", "model": str(embedded_dir)}
+    with caplog.at_level("WARNING", logger="runner.model"):
+        load_tokenizer({**load, "trust_remote_code": False})
+        assert not caplog.records
+        load_tokenizer({**load, "trust_remote_code": True})
+    assert "trust_remote_code=true: running Python code shipped with" in caplog.text
