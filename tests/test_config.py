@@ -74,6 +74,7 @@ def test_default_config(compose_config):
         "engine": {"kind": "batched", "batch_size": 32, "cache_mb": 1024},
         "input": {"path": "conversations", "format": "auto", "on_error": "fail", "max_line_bytes": 16777216},
         "replay": {"mode": "regenerate"},
+        "shard": {"index": 0, "count": 1},
         "cache_dir": "${oc.env:CHAT_RUNNER_CACHE,'~/.cache/chat-runner'}",
         "resume": False,
     }
@@ -258,6 +259,8 @@ def test_unknown_keys_and_wrong_types_fail_at_compose_time(compose_config, overr
         (["engine=pipeline", "engine.batch_size=8"], "use engine=batched for batch_size > 1"),
         (["engine.cache_mb=-1"], "engine.cache_mb must be >= 0"),
         (["input.max_line_bytes=0"], "input.max_line_bytes must be >= 1"),
+        (["shard.index=4", "shard.count=4"], r"shard.index must be in \[0, shard.count\)"),
+        (["shard.count=0"], r"shard.index must be in \[0, shard.count\)"),
     ],
 )
 def test_cross_field_rules_fail_with_a_clear_message(compose_config, overrides, message):
