@@ -18,6 +18,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,7 +50,9 @@ def main() -> None:
         print(json.dumps(run_contender(args)))
         return
 
-    bandwidth = memory_bandwidth()
+    from runner.model import memory_bandwidth
+
+    bandwidth = memory_bandwidth("cpu", Path(tempfile.mkdtemp()))  # measured afresh for this run
     results = {}
     for name in args.contenders.split(","):
         command = [sys.executable, __file__, "--child", name, *sys.argv[1:]]
@@ -126,22 +129,6 @@ def seed_way(pipe, conversations, new_tokens: int) -> list[str]:
                 history = out[0]["generated_text"]
                 replies.append(history[-1]["content"])
     return replies
-
-
-def memory_bandwidth(megabytes: int = 512, repeats: int = 9) -> float:
-    """Read bandwidth in bytes/s: the median of sums over a buffer far larger than the caches."""
-    import statistics
-
-    import torch
-
-    buffer = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
-    buffer.sum()  # warm-up: page the buffer in
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        buffer.sum()
-        times.append(time.perf_counter() - start)
-    return buffer.numel() * 4 / statistics.median(times)
 
 
 def report(results: dict[str, dict], bandwidth: float, args: argparse.Namespace) -> None:

@@ -167,6 +167,12 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         "tokens_per_second": round(generated / replay_seconds, 2) if replay_seconds else 0.0,
         "turn_seconds": _percentiles(turn.seconds for turn in new_turns),
         "first_token_seconds": _percentiles(turn.first_token_seconds for turn in new_turns),
+        "roofline": _roofline(
+            new_turns,
+            loaded,
+            model.memory_bandwidth(str(pipe.model.device), Path(cfg.cache_dir).expanduser()),
+            generated / replay_seconds if replay_seconds else 0.0,
+        ),
         "peak_memory": {"rss_bytes": peak_rss_bytes(), "cuda_bytes": engine.accelerator_peak_bytes()},
         "environment": {**environment(), "gpus": engine.accelerator_names()},
     }
@@ -176,6 +182,16 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             f"interrupted ({type(stop).__name__}): {len(records)} record(s) complete in {run_dir}; "
             f"continue with the same command plus hydra.run.dir={run_dir} resume=true"
         )
+    roofline = summary["roofline"]
+    log.info(
+        "roofline: %.1f GB/s over %.1f MB read per token = %.1f tokens/s at batch 1; this run %.1f "
+        "tokens/s, %.0f%% of it",
+        roofline["memory_bandwidth_bytes_per_second"] / 1e9,
+        roofline["bytes_per_token"] / 1e6,
+        roofline["batch1_tokens_per_second"],
+        summary["tokens_per_second"],
+        100 * roofline["fraction"],
+    )
     log.info(
         "done: %d conversation(s), %d turn(s), %d tokens in %.1f s (%.1f tokens/s); outputs in %s",
         len(conversations),
@@ -230,6 +246,25 @@ def _check_template(
             Rejected(conversation.source, conversation.line, conversation.id, "template_error", message, b"")
         )
     return accepted, refused
+
+
+def _roofline(turns: list[Turn], loaded: dict[str, Any], bandwidth: float, speed: float) -> dict[str, float]:
+    """Decoding reads every weight and the whole KV cache once per step: at batch 1 that bounds the
+    speed at bandwidth / bytes per token. The KV part uses the mean context over generated tokens."""
+    generated = sum(turn.new_tokens for turn in turns)
+    context = (
+        sum(t.new_tokens * (t.prompt_tokens + t.new_tokens / 2) for t in turns) / generated
+        if generated
+        else 0
+    )
+    per_token = loaded["weights_bytes"] + loaded["kv_bytes_per_token"] * context
+    batch1 = bandwidth / per_token
+    return {
+        "memory_bandwidth_bytes_per_second": round(bandwidth),
+        "bytes_per_token": round(per_token),
+        "batch1_tokens_per_second": round(batch1, 2),
+        "fraction": round(speed / batch1, 4),
+    }
 
 
 def _percentiles(values: Iterable[float]) -> dict[str, float | None]:

@@ -156,9 +156,17 @@ class _ChatEngine:
         placement = getattr(self.model, "hf_device_map", None) or {"": str(self.model.device)}
         return {
             "weights_bytes": self.model.get_memory_footprint(),
+            "kv_bytes_per_token": self.kv_bytes_per_token(),
             "dtype": str(self.model.dtype).removeprefix("torch."),
             "device_map": {name or "all": str(device) for name, device in placement.items()},
         }
+
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes one token of context takes: 2 x layers x KV heads x head dim x dtype size."""
+        config = self.model.config.get_text_config()
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return 2 * config.num_hidden_layers * heads * head_dim * self.model.dtype.itemsize
 
 
 class PipelineEngine(_ChatEngine):

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
+import platform
 import shutil
+import statistics
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,24 @@ def detect_hardware() -> Hardware:
     if not torch.cuda.is_available():
         return Hardware()
     return Hardware(cuda_devices=torch.cuda.device_count(), cuda_bf16=torch.cuda.is_bf16_supported())
+
+
+def memory_bandwidth(device: str, cache_dir: Path) -> float:
+    """Read bandwidth of `device` in bytes/s: measured once (the median of sums over a buffer far
+    larger than the caches), then cached per machine and device in `cache_dir`."""
+    cached = cache_dir / f"bandwidth-{platform.node()}-{device.replace(':', '')}.json"
+    if cached.exists():
+        return json.loads(cached.read_text())["bytes_per_second"]
+    buffer = torch.ones(512 * 2**20 // 4, dtype=torch.float32, device=device)
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        buffer.sum().item()  # .item() waits for a GPU to finish
+        times.append(time.perf_counter() - start)
+    bandwidth = buffer.numel() * 4 / statistics.median(times[1:])  # the first run pages the buffer in
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps({"device": device, "bytes_per_second": bandwidth}))
+    return bandwidth
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,17 @@ def test_replay_end_to_end(quant, write_jsonl, tmp_path, embedded_dir):
     assert 0 < summary["first_token_seconds"]["p50"] <= summary["turn_seconds"]["p50"]
     assert all(0 < t["first_token_seconds"] <= t["seconds"] for t in all_turns)
     assert summary["errors"] == {} and all(r["replay"]["error"] is None for r in records)
+    roofline, loaded = summary["roofline"], summary["loaded"]
+    assert (
+        loaded["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * {"none": 4, "int8": 4, "int4": 4}[quant]
+    )  # fp32 KV
+    assert loaded["weights_bytes"] < roofline["bytes_per_token"] < loaded["weights_bytes"] * 1.1
+    assert roofline["batch1_tokens_per_second"] == pytest.approx(
+        roofline["memory_bandwidth_bytes_per_second"] / roofline["bytes_per_token"], rel=1e-3
+    )
+    assert roofline["fraction"] == pytest.approx(
+        summary["tokens_per_second"] / roofline["batch1_tokens_per_second"], rel=0.01
+    )
     assert summary["environment"]["packages"]["transformers"].startswith("5.")
     # Quantization really happened: the weights shrink against the fp32 checkpoint on disk.
     fp32_bytes = (embedded_dir / "model.safetensors").stat().st_size
@@ -97,6 +108,7 @@ def test_replay_end_to_end(quant, write_jsonl, tmp_path, embedded_dir):
     assert {"none": 0.99 < ratio < 1.01, "int8": ratio < 0.5, "int4": ratio < 0.35}[quant], ratio
     log = (run_dir / "chat-runner.log").read_text()
     assert "done: 2 conversation(s), 4 turn(s)" in log
+    assert "tokens/s at batch 1; this run" in log
 
 
 @pytest.mark.slow
