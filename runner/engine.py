@@ -8,6 +8,7 @@ turns of different conversations, which reads each weight once per step for the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import time
@@ -208,7 +209,7 @@ class _Prefix:
     ids: list[int]
     layers: list[tuple[torch.Tensor, torch.Tensor]]
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in self.layers)
 
@@ -247,6 +248,7 @@ class BatchedEngine(_ChatEngine):
         super().__init__(model, tokenizer, generate, batch_size)
         self.cache_bytes = cache_bytes
         self._prefixes: OrderedDict[int, _Prefix] = OrderedDict()
+        self._held_bytes = 0  # sum of the kept prefixes' nbytes
         self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "prefix_mismatches": 0, "evictions": 0}
         # Prefixes are cut and re-stacked only for plain full-attention caches (no sliding windows).
         self.cache_supported = all(
@@ -258,7 +260,7 @@ class BatchedEngine(_ChatEngine):
         rows = []
         for index, request in enumerate(requests):
             ids = self.prompt_ids(request.messages)
-            prefix = self._reusable_prefix(self._prefixes.pop(request.stream, None), ids)
+            prefix = self._reusable_prefix(self._take_prefix(request.stream), ids)
             if prefix is not None:
                 self.stats["reused_tokens"] += len(prefix.ids)
             outcomes[index] = self.overflow(len(ids))
@@ -418,11 +420,20 @@ class BatchedEngine(_ChatEngine):
             layers.append(tuple(stacked))
         return DynamicCache(ddp_cache_data=layers)
 
+    def _take_prefix(self, stream: int) -> _Prefix | None:
+        """Remove and return a conversation's kept prefix: each serves one turn."""
+        prefix = self._prefixes.pop(stream, None)
+        if prefix is not None:
+            self._held_bytes -= prefix.nbytes
+        return prefix
+
     def _keep(self, stream: int, prefix: _Prefix) -> None:
         """Hold a conversation's prefix for its next turn, evicting the least recently kept."""
+        self._take_prefix(stream)
         self._prefixes[stream] = prefix
-        while sum(held.nbytes for held in self._prefixes.values()) > self.cache_bytes:
-            self._prefixes.popitem(last=False)
+        self._held_bytes += prefix.nbytes
+        while self._held_bytes > self.cache_bytes:
+            self._held_bytes -= self._prefixes.popitem(last=False)[1].nbytes
             self.stats["evictions"] += 1
 
 

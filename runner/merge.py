@@ -19,7 +19,7 @@ from runner.errors import RunnerError
 from runner.outputs import (
     MANIFEST,
     REJECTED,
-    completed_records,
+    read_records,
     write_json_atomically,
     write_jsonl_atomically,
 )
@@ -35,7 +35,7 @@ def merge(shard_dirs: list[Path], out: Path) -> dict[str, Any]:
     owner: dict[tuple[str, int], Path] = {}
     for shard in shard_dirs:
         for path in sorted((shard / "chats").glob("*.jsonl")):
-            for record in completed_records(path):
+            for record in read_records(path):
                 key = (str(record["id"]), record["replay"]["sample"])
                 if key in owner:
                     raise RunnerError(
@@ -53,7 +53,7 @@ def merge(shard_dirs: list[Path], out: Path) -> dict[str, Any]:
         (reject["file"], reject["line"]): reject
         for shard in shard_dirs
         if (shard / REJECTED).exists()
-        for reject in completed_records(shard / REJECTED)
+        for reject in read_records(shard / REJECTED)
     }
     if rejected:
         write_jsonl_atomically(out / REJECTED, [rejected[key] for key in sorted(rejected)])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import io
 import json
 import os
 import platform
@@ -248,12 +247,16 @@ def completed_records(path: Path) -> list[dict[str, Any]]:
         with path.open("r+b") as stream:
             stream.truncate(whole)
             os.fsync(stream.fileno())
+    return read_records(path)
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Every record of a JSONL file the runner wrote; anything but whole records is an error."""
     try:
-        return list(jsonlines.Reader(io.BytesIO(data[:whole])))
+        with jsonlines.open(path) as reader:
+            return list(reader)
     except jsonlines.InvalidLineError as error:
-        raise RunnerError(
-            f"{path}:{error.lineno}: not a whole JSON record; this run dir cannot be resumed"
-        ) from None
+        raise RunnerError(f"{path}:{error.lineno}: not a whole JSON record") from None
 
 
 def peak_rss_bytes() -> int:

@@ -249,3 +249,14 @@ def test_control_tokens_in_user_content_are_flagged(smol_pipeline):
     im_start = smol_pipeline.tokenizer.convert_tokens_to_ids("<|im_start|>")
     counts = [engine.prompt_ids(m).count(im_start) for m in (QUESTION, (Message(U, injected),))]
     assert counts[1] == counts[0] + 1
+
+
+def test_cache_budget_evicts_and_changes_no_text(smol_pipeline):
+    arguments = {**GREEDY, "max_new_tokens": 8}
+    unbounded = replay_texts(
+        BatchedEngine(smol_pipeline.model, smol_pipeline.tokenizer, arguments, 6, 0), DOZEN
+    )
+    tight = BatchedEngine(smol_pipeline.model, smol_pipeline.tokenizer, arguments, 6, cache_bytes=3 * 2**20)
+    assert replay_texts(tight, DOZEN) == unbounded
+    assert tight.stats["evictions"] > 0 and tight.stats["reused_tokens"] > 0
+    assert tight._held_bytes <= 3 * 2**20
