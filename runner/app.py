@@ -82,7 +82,10 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     location = arguments.load["model"]
     log.info("loading %s (%s)", cfg.model.name, location)
     pipe = model.load_pipeline(arguments.load, engine.ChatReplayPipeline, tokenizer)
-    chat_engine = engine.create_engine(cfg, pipe, arguments.generate, model.resolve_batch_size(cfg, hardware))
+    generate = arguments.generate
+    if cfg.generation.assistant_model:
+        generate = {**generate, "assistant_model": model.load_assistant(cfg, hardware, tokenizer)}
+    chat_engine = engine.create_engine(cfg, pipe, generate, model.resolve_batch_size(cfg, hardware))
     load_seconds = time.perf_counter() - load_start
     loaded = chat_engine.describe()
     log.info("loaded in %.1f s: %s, %s", load_seconds, loaded["dtype"], loaded["device_map"])
@@ -145,6 +148,11 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         "engine": cfg.engine.kind.value,
         "batch_size": {"configured": configured_batch_size, "final": chat_engine.batch_size},
         "cache": chat_engine.stats,
+        "speculative": (
+            {"method": cfg.generation.speculation, **chat_engine.speculation.summary()}
+            if chat_engine.speculation
+            else None
+        ),
         "replay_mode": cfg.replay.mode.value,
         "generation": dataclasses.asdict(cfg.generation),
         "chat_template_sha256": chat_engine.chat_template_sha256,
@@ -192,6 +200,15 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         summary["tokens_per_second"],
         100 * roofline["fraction"],
     )
+    if summary["speculative"]:
+        speculative = summary["speculative"]
+        log.info(
+            "speculative decoding (%s): %.0f%% of %d drafted tokens accepted, %.2f tokens per forward pass",
+            speculative["method"],
+            100 * speculative["acceptance_rate"],
+            speculative["drafted_tokens"],
+            speculative["tokens_per_forward_pass"],
+        )
     log.info(
         "done: %d conversation(s), %d turn(s), %d tokens in %.1f s (%.1f tokens/s); outputs in %s",
         len(conversations),

@@ -7,6 +7,7 @@ turns of different conversations, which reads each weight once per step for the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -14,11 +15,12 @@ import logging
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import transformers
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 from jinja2.exceptions import TemplateError
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, TextGenerationPipeline, set_seed
@@ -58,6 +60,49 @@ class FirstTokenTimer(LogitsProcessor):
         if self.at is None:
             self.at = time.perf_counter()
         return scores
+
+
+class SpeculationCounter:
+    """Counts what speculative decoding did, from the target model's own forward passes.
+
+    Each pass verifies the k tokens drafted since the last one (by prompt lookup or a draft model)
+    and yields the accepted ones plus one token of its own, so over a generate call
+    accepted = new tokens - passes, and drafted = tokens fed - passes - (uncached prompt tokens - 1).
+    """
+
+    def __init__(self) -> None:
+        self.totals = {"forward_passes": 0, "drafted_tokens": 0, "accepted_tokens": 0, "new_tokens": 0}
+
+    @contextlib.contextmanager
+    def measure(self, model: Any, uncached_prompt_tokens: int) -> Iterator[Callable[[int], None]]:
+        """Count the passes of one batch-1 generate call; call the yielded function with its new tokens."""
+        calls = [0, 0]  # passes, tokens fed
+
+        def count(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+            calls[0] += 1
+            calls[1] += kwargs["input_ids"].shape[1]
+
+        def finish(new_tokens: int) -> None:
+            passes, fed = calls
+            self.totals["forward_passes"] += passes
+            self.totals["drafted_tokens"] += fed - passes - (uncached_prompt_tokens - 1)
+            self.totals["accepted_tokens"] += new_tokens - passes
+            self.totals["new_tokens"] += new_tokens
+
+        handle = model.register_forward_pre_hook(count, with_kwargs=True)
+        try:
+            yield finish
+        finally:
+            handle.remove()
+
+    def summary(self) -> dict[str, float | int]:
+        """Totals, the share of drafted tokens accepted, and tokens per forward pass of the model."""
+        totals = self.totals
+        return {
+            **totals,
+            "acceptance_rate": round(totals["accepted_tokens"] / max(totals["drafted_tokens"], 1), 4),
+            "tokens_per_forward_pass": round(totals["new_tokens"] / max(totals["forward_passes"], 1), 3),
+        }
 
 
 def template_supports_system_role(tokenizer: Any) -> bool:
@@ -102,6 +147,8 @@ class _ChatEngine:
         self.supports_system_role = template_supports_system_role(tokenizer)
         self.context_tokens = getattr(model.config, "max_position_embeddings", None)
         self.stats: dict[str, int] = {}
+        speculative = "prompt_lookup_num_tokens" in generate or "assistant_model" in generate
+        self.speculation = SpeculationCounter() if speculative else None
         # Text that the tokenizer turns into control tokens: in user content it could forge a turn.
         self.control_strings = sorted(
             {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
@@ -118,6 +165,12 @@ class _ChatEngine:
         return self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)[
             "input_ids"
         ]
+
+    def measure_speculation(self, uncached_prompt_tokens: int) -> contextlib.AbstractContextManager:
+        """Around a generate call: count its drafted and accepted tokens when decoding speculatively."""
+        if self.speculation is None:
+            return contextlib.nullcontext(lambda new_tokens: None)
+        return self.speculation.measure(self.model, uncached_prompt_tokens)
 
     def overflow(self, prompt_tokens: int) -> TurnError | None:
         """A turn whose prompt plus max_new_tokens outgrows the model's context."""
@@ -189,12 +242,14 @@ class PipelineEngine(_ChatEngine):
         chat = [message.as_dict() for message in request.messages]
         timer = FirstTokenTimer()
         start = time.perf_counter()
-        [record] = self.pipe(
-            chat,
-            return_full_text=False,
-            logits_processor=LogitsProcessorList([timer]),
-            **self.generate_arguments,
-        )
+        with self.measure_speculation(len(self.prompt_ids(request.messages))) as finish:
+            [record] = self.pipe(
+                chat,
+                return_full_text=False,
+                logits_processor=LogitsProcessorList([timer]),
+                **self.generate_arguments,
+            )
+            finish(len(record["new_token_ids"]))
         end = time.perf_counter()
         reply = self.reply(
             request, record["prompt_tokens"], record["new_token_ids"], end - start, (timer.at or end) - start
@@ -250,8 +305,10 @@ class BatchedEngine(_ChatEngine):
         self._prefixes: OrderedDict[int, _Prefix] = OrderedDict()
         self._held_bytes = 0  # sum of the kept prefixes' nbytes
         self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "prefix_mismatches": 0, "evictions": 0}
-        # Prefixes are cut and re-stacked only for plain full-attention caches (no sliding windows).
-        self.cache_supported = all(
+        # Prefixes are cut and re-stacked only for plain full-attention caches (no sliding windows),
+        # and not under speculative decoding: transformers' assisted decoding feeds the whole prompt
+        # on its first pass whatever cache it is given.
+        self.cache_supported = self.speculation is None and all(
             type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers
         )
 
@@ -319,7 +376,7 @@ class BatchedEngine(_ChatEngine):
         if self.generate_arguments["do_sample"]:
             set_seed(rows[0].request.seed)  # the schedule is deterministic, so this reproduces it
         timer = FirstTokenTimer()
-        with torch.inference_mode():
+        with torch.inference_mode(), self.measure_speculation(layout.width) as finish:
             output = self.model.generate(
                 input_ids=layout.input_ids,
                 attention_mask=layout.attention_mask,
@@ -328,8 +385,9 @@ class BatchedEngine(_ChatEngine):
                 return_dict_in_generate=True,
                 **self.generate_arguments,
             )
+            new = output.sequences[:, layout.cache_width + layout.width :].tolist()
+            finish(len(new[0]))
         end = time.perf_counter()
-        new = output.sequences[:, layout.cache_width + layout.width :].tolist()
         replies = [
             self.reply(row.request, len(row.ids), row_new, end - start, (timer.at or end) - start)
             for row, row_new in zip(rows, new, strict=True)
@@ -470,6 +528,15 @@ class _Layout:
 
 def create_engine(cfg: RunConfig, pipe: ChatReplayPipeline, generate: dict[str, Any], batch_size: int):
     """The engine that `engine.kind` names, around an already loaded pipeline."""
+    if cfg.generation.speculation and batch_size > 1:
+        log.warning(
+            "speculative decoding (%s): transformers %s drafts for one sequence at a time, so this run "
+            "uses batch size 1 instead of %d",
+            cfg.generation.speculation,
+            transformers.__version__,
+            batch_size,
+        )
+        batch_size = 1
     if cfg.engine.kind is EngineKind.pipeline:
         return PipelineEngine(pipe, generate)
     return BatchedEngine(pipe.model, pipe.tokenizer, generate, batch_size, cfg.engine.cache_mb * 2**20)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import importlib.util
 import json
@@ -20,7 +21,16 @@ import torch
 from transformers import BitsAndBytesConfig
 
 from runner.errors import ConfigError, ModelLoadError
-from runner.schema import DeviceKind, EngineKind, ModelSource, Precision, QuantMethod, RunConfig
+from runner.schema import (
+    DeviceKind,
+    EngineKind,
+    ModelSource,
+    Precision,
+    QuantConfig,
+    QuantMethod,
+    RunConfig,
+    model_preset,
+)
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +143,40 @@ def resolve_batch_size(cfg: RunConfig, hardware: Hardware) -> int:
 def prepare(cfg: RunConfig) -> tuple[Hardware, TransformersArguments]:
     """Detect the hardware, convert an embedded model once if needed, and translate the config."""
     hardware = detect_hardware()
-    embedded_dir = None
-    if cfg.model.source is ModelSource.embedded:
-        embedded_dir = embedded_checkpoint(cfg.model.package, Path(cfg.cache_dir).expanduser())
-    return hardware, transformers_arguments(cfg, hardware, embedded_dir)
+    return hardware, transformers_arguments(cfg, hardware, _embedded_dir(cfg))
+
+
+def _embedded_dir(cfg: RunConfig) -> Path | None:
+    if cfg.model.source is not ModelSource.embedded:
+        return None
+    return embedded_checkpoint(cfg.model.package, Path(cfg.cache_dir).expanduser())
+
+
+def load_assistant(cfg: RunConfig, hardware: Hardware, tokenizer: Any) -> Any:
+    """The draft model that generation.assistant_model names, on the main model's device and dtype
+    (never quantized: a draft is small), refused unless it shares the main model's vocabulary."""
+    from transformers import AutoModelForCausalLM
+
+    name = cfg.generation.assistant_model
+    draft_cfg = dataclasses.replace(cfg, model=model_preset(name), quant=QuantConfig(method=QuantMethod.none))
+    load = transformers_arguments(draft_cfg, hardware, _embedded_dir(draft_cfg)).load
+    if load_tokenizer(load).get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(
+            f"generation.assistant_model={name} does not share {cfg.model.name}'s tokenizer: a draft "
+            "model must use the same vocabulary (or use generation.prompt_lookup_num_tokens=N)"
+        )
+    log.info("loading the draft model %s (%s)", name, load["model"])
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            load["model"],
+            revision=load.get("revision"),
+            trust_remote_code=load["trust_remote_code"],
+            dtype=load["dtype"],
+            device_map=load["device_map"],
+            **load.get("model_kwargs", {}),
+        )
+    except OSError as error:
+        raise ModelLoadError(f"could not load the draft model {load['model']!r}: {error}") from error
 
 
 def _device_map(cfg: RunConfig, hardware: Hardware) -> str:
@@ -179,6 +219,8 @@ def _generate_arguments(cfg: RunConfig) -> dict[str, Any]:
         # Override sampling defaults some models ship in generation_config.json (Llama 3: 0.6/0.9)
         # so greedy decoding is plainly greedy.
         arguments.update(temperature=None, top_p=None, top_k=None)
+    if generation.prompt_lookup_num_tokens:
+        arguments["prompt_lookup_num_tokens"] = generation.prompt_lookup_num_tokens
     return arguments
 
 

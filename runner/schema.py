@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -141,6 +142,15 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     seed: int = 0
     num_samples: int = 1
+    prompt_lookup_num_tokens: int = 0  # > 0: prompt lookup decoding, drafting up to N tokens per step
+    assistant_model: str | None = None  # a conf/model preset: a small draft model sharing the tokenizer
+
+    @property
+    def speculation(self) -> str | None:
+        """The speculative decoding method in use, if any."""
+        if self.prompt_lookup_num_tokens:
+            return "prompt_lookup"
+        return "assistant_model" if self.assistant_model else None
 
     def __post_init__(self) -> None:
         checks = [
@@ -158,6 +168,12 @@ class GenerationConfig:
                 self.num_samples == 1 or self.do_sample,
                 "generation.num_samples > 1 gives identical copies under greedy decoding: "
                 "use generation=sampling",
+            ),
+            (self.prompt_lookup_num_tokens >= 0, "generation.prompt_lookup_num_tokens must be >= 0 (0: off)"),
+            (
+                not (self.prompt_lookup_num_tokens and self.assistant_model),
+                "generation.prompt_lookup_num_tokens and generation.assistant_model are two ways to draft "
+                "tokens: set one of them",
             ),
         ]
         for ok, message in checks:
@@ -279,6 +295,25 @@ def config_record(cfg: RunConfig) -> dict[str, Any]:
     return record
 
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def model_preset(name: str) -> ModelConfig:
+    """The model preset conf/model/<name>.yaml as a typed config (for generation.assistant_model)."""
+    path = CONF_DIR / "model" / f"{name}.yaml"
+    if not path.is_file():
+        presets = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise ConfigError(f"no model preset {name!r} (conf/model/{name}.yaml); presets: {presets}")
+    node = OmegaConf.load(path)
+    node.pop("defaults", None)
+    try:
+        preset = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node))
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"model preset {path}: {error}") from None
+    assert isinstance(preset, ModelConfig)
+    return preset
+
+
 def to_run_config(cfg: DictConfig) -> RunConfig:
     """Turn the composed config into typed objects, running every cross-field check."""
     try:
@@ -290,4 +325,6 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
             raise cause from None
         raise ConfigError(f"invalid configuration: {error}") from None
     assert isinstance(run_config, RunConfig)
+    if run_config.generation.assistant_model:
+        model_preset(run_config.generation.assistant_model)  # fail now, not after the main model loads
     return run_config

@@ -70,6 +70,8 @@ def test_default_config(compose_config):
             "repetition_penalty": 1.0,
             "seed": 0,
             "num_samples": 1,
+            "prompt_lookup_num_tokens": 0,
+            "assistant_model": None,
         },
         "engine": {"kind": "batched", "batch_size": 32, "cache_mb": 1024},
         "input": {"path": "conversations", "format": "auto", "on_error": "fail", "max_line_bytes": 16777216},
@@ -207,6 +209,18 @@ def test_sampling_generate_arguments(compose_config):
     }
 
 
+def test_prompt_lookup_reaches_generate(compose_config):
+    cfg = to_run_config(compose_config("generation.prompt_lookup_num_tokens=10"))
+    assert cfg.generation.speculation == "prompt_lookup"
+    assert transformers_arguments(cfg, CPU, Path("/ckpt")).generate == {
+        **GREEDY,
+        "prompt_lookup_num_tokens": 10,
+    }
+    draft = to_run_config(compose_config("model=llama3_8b", "generation.assistant_model=smollm2_135m"))
+    assert draft.generation.speculation == "assistant_model"
+    assert "assistant_model" not in transformers_arguments(draft, CPU).generate  # loaded by the run
+
+
 @pytest.mark.parametrize(
     ("overrides", "hardware", "size"),
     [
@@ -261,6 +275,15 @@ def test_unknown_keys_and_wrong_types_fail_at_compose_time(compose_config, overr
         (["input.max_line_bytes=0"], "input.max_line_bytes must be >= 1"),
         (["shard.index=4", "shard.count=4"], r"shard.index must be in \[0, shard.count\)"),
         (["shard.count=0"], r"shard.index must be in \[0, shard.count\)"),
+        (["generation.prompt_lookup_num_tokens=-1"], "prompt_lookup_num_tokens must be >= 0"),
+        (
+            ["generation.prompt_lookup_num_tokens=4", "generation.assistant_model=smollm2_135m"],
+            "two ways to draft tokens: set one of them",
+        ),
+        (
+            ["generation.assistant_model=tiny_llama"],
+            "no model preset 'tiny_llama' .* presets: gemma2_9b, hub",
+        ),
     ],
 )
 def test_cross_field_rules_fail_with_a_clear_message(compose_config, overrides, message):

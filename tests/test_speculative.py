@@ -1,0 +1,103 @@
+"""Speculative decoding on the real embedded model: same greedy text, counted drafts, batch size 1."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+from conftest import chat
+from test_cli import read_jsonl, run_cli
+from test_engine import DOZEN, GREEDY, replay_texts
+
+from runner.conversations import Conversation, Message
+from runner.engine import BatchedEngine, PipelineEngine
+from runner.errors import ConfigError
+from runner.model import Hardware, load_assistant
+from runner.replay import Request
+from runner.schema import to_run_config
+
+pytestmark = pytest.mark.slow
+
+PASSAGE = (
+    "Our team met on Tuesday to review the quarterly budget. Marketing asked for more money for the "
+    "spring campaign, and engineering asked for two new servers."
+)
+REWRITE = (
+    Message("user", f"Summarise this in one sentence: {PASSAGE}"),
+    Message("assistant", PASSAGE),
+    Message("user", "Rewrite your previous response word for word, starting with 'Our team'."),
+)
+
+
+def test_prompt_lookup_gives_the_same_greedy_text_and_drafts_from_the_prompt(smol_pipeline):
+    plain = {**GREEDY, "max_new_tokens": 16}
+    lookup = {**plain, "prompt_lookup_num_tokens": 6}
+    conversations = [*DOZEN[:6], Conversation("rewrite", REWRITE, MappingProxyType({}), Path("t.jsonl"), 1)]
+    expected = replay_texts(
+        BatchedEngine(smol_pipeline.model, smol_pipeline.tokenizer, plain, 1, 0), conversations
+    )
+    for engine in (
+        BatchedEngine(smol_pipeline.model, smol_pipeline.tokenizer, lookup, 1, 2**30),
+        PipelineEngine(smol_pipeline, lookup),
+    ):
+        assert replay_texts(engine, conversations) == expected
+        summary = engine.speculation.summary()
+        assert summary["new_tokens"] == summary["accepted_tokens"] + summary["forward_passes"]
+        assert 0 < summary["accepted_tokens"] <= summary["drafted_tokens"]
+        assert 0 < summary["acceptance_rate"] <= 1
+    # Copying the passage back: most tokens come from accepted drafts, several per forward pass.
+    copying = PipelineEngine(smol_pipeline, lookup)
+    [reply] = copying.generate([Request(REWRITE, 0)])
+    assert reply.text.startswith("Our team met on Tuesday")
+    assert copying.speculation.summary()["tokens_per_forward_pass"] > 2
+
+
+def test_without_speculation_there_is_nothing_to_count(smol_pipeline):
+    engine = BatchedEngine(smol_pipeline.model, smol_pipeline.tokenizer, GREEDY, 4, 2**30)
+    assert engine.speculation is None
+    assert engine.cache_supported
+
+
+def test_assistant_model_run_equals_the_plain_run_at_batch_size_one(write_jsonl, tmp_path, embedded_dir):
+    source = write_jsonl(
+        [
+            chat(1, ("user", "Name three fruits."), ("user", "And three vegetables?")),
+            chat(2, ("user", f"Repeat this exactly: {PASSAGE}")),
+        ]
+    )
+    common = [f"input.path={source}", "generation.max_new_tokens=12"]
+    plain = run_cli(*common, f"hydra.run.dir={tmp_path / 'plain'}")
+    assert plain.returncode == 0, plain.stderr
+    drafted = run_cli(
+        *common, "generation.assistant_model=smollm2_135m", f"hydra.run.dir={tmp_path / 'drafted'}"
+    )
+    assert drafted.returncode == 0, drafted.stderr
+    assert "uses batch size 1 instead of 32" in drafted.stderr
+
+    def texts(run: str) -> list[list[str]]:
+        return [
+            [m["content"] for m in r["messages"]]
+            for r in read_jsonl(tmp_path / run / "chats" / "chats.jsonl")
+        ]
+
+    assert texts("drafted") == texts("plain")
+    summary = json.loads((tmp_path / "drafted" / "summary.json").read_text())
+    assert summary["batch_size"] == {"configured": 1, "final": 1}
+    speculative = summary["speculative"]
+    assert speculative["method"] == "assistant_model"
+    # The draft is the same model: it proposes what the model itself would pick.
+    assert speculative["acceptance_rate"] > 0.9
+    assert speculative["tokens_per_forward_pass"] > 2
+    assert "tokens accepted" in drafted.stderr
+    assert json.loads((tmp_path / "plain" / "summary.json").read_text())["speculative"] is None
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(compose_config, smol_pipeline, embedded_dir):
+    cfg = to_run_config(compose_config("generation.assistant_model=smollm2_135m"))
+    tokenizer = copy.deepcopy(smol_pipeline.tokenizer)
+    tokenizer.add_tokens(["<a_token_the_draft_lacks>"])
+    with pytest.raises(ConfigError, match="does not share smollm2_135m's tokenizer"):
+        load_assistant(cfg, Hardware(), tokenizer)
