@@ -31,8 +31,9 @@ from runner.outputs import (
     write_json_atomically,
     write_jsonl_atomically,
 )
+from runner.plan import MemoryPlan
 from runner.replay import Turn, final_shape, replay_all, replies_to_generate
-from runner.schema import OnError, ReplayMode, RunConfig, config_record
+from runner.schema import ArchitectureConfig, ModelSource, OnError, ReplayMode, RunConfig, config_record
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +55,16 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
 
     load_start = time.perf_counter()
     hardware, arguments = model.prepare(cfg)
+    if cfg.plan:
+        return _print_plan(cfg, run_dir, hardware, arguments.load, conversations)
     tokenizer = model.load_tokenizer(arguments.load)
     # The chat template sees every conversation once before any weights load.
     conversations, refused = _check_template(conversations, tokenizer, cfg.replay.mode)
     rejected += refused
     if rejected and cfg.input.on_error is OnError.fail:
         raise InputError([str(reject) for reject in rejected])
+    architecture = model.architecture(cfg, arguments.load)
+    memory_plan = _check_memory(cfg, hardware, architecture, conversations, tokenizer)
 
     paths = chat_paths(run_dir, files)
     run_manifest = manifest(config_record(cfg), files)
@@ -85,7 +90,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     generate = arguments.generate
     if cfg.generation.assistant_model:
         generate = {**generate, "assistant_model": model.load_assistant(cfg, hardware, tokenizer)}
-    chat_engine = engine.create_engine(cfg, pipe, generate, model.resolve_batch_size(cfg, hardware))
+    chat_engine = engine.create_engine(cfg, pipe, generate, memory_plan.batch_rows)
     load_seconds = time.perf_counter() - load_start
     loaded = chat_engine.describe()
     log.info("loaded in %.1f s: %s, %s", load_seconds, loaded["dtype"], loaded["device_map"])
@@ -175,9 +180,11 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         "tokens_per_second": round(generated / replay_seconds, 2) if replay_seconds else 0.0,
         "turn_seconds": _percentiles(turn.seconds for turn in new_turns),
         "first_token_seconds": _percentiles(turn.first_token_seconds for turn in new_turns),
+        "memory_plan": memory_plan.as_dict(),
         "roofline": _roofline(
             new_turns,
             loaded,
+            (architecture.active_params or architecture.params) / architecture.params,
             model.memory_bandwidth(str(pipe.model.device), Path(cfg.cache_dir).expanduser()),
             generated / replay_seconds if replay_seconds else 0.0,
         ),
@@ -247,6 +254,80 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
     raise Interrupted(signal.Signals(signum).name)
 
 
+def _check_memory(
+    cfg: RunConfig,
+    hardware: model.Hardware,
+    architecture: ArchitectureConfig,
+    conversations: list[Conversation],
+    tokenizer: Any,
+) -> MemoryPlan:
+    """The memory plan, before any weights load: refuse a run that cannot fit, shrink an auto batch
+    that would not, and warn of CPU offload."""
+    if cfg.generation.speculation and cfg.engine.batch_size != 1:
+        log.warning(
+            "speculative decoding (%s): transformers drafts for one sequence at a time, so this run "
+            "uses batch size 1 (engine.batch_size=%s)",
+            cfg.generation.speculation,
+            cfg.engine.batch_size,
+        )
+    rows = _batch_rows(cfg, hardware, conversations)
+    context, context_from = _longest_context(cfg, conversations, tokenizer)
+    plan = model.memory_plan(cfg, hardware, architecture, rows, context, context_from)
+    if plan.fitting_batch is not None and cfg.engine.batch_size == "auto":
+        log.info("engine.batch_size=auto: %d rows would not fit, using %d", rows, plan.fitting_batch)
+        plan = model.memory_plan(cfg, hardware, architecture, plan.fitting_batch, context, context_from)
+    for line in plan.lines():
+        log.info("%s", line)
+    if not plan.fits:
+        raise RunnerError(plan.refusal())
+    if plan.verdict == "fits_with_offload":
+        log.warning("%s", plan.verdict_text())
+    return plan
+
+
+def _print_plan(
+    cfg: RunConfig,
+    run_dir: Path,
+    hardware: model.Hardware,
+    load: dict[str, Any],
+    conversations: list[Conversation],
+) -> dict[str, Any]:
+    """plan=true: print the memory plan (and write plan.json); load no weights, generate nothing."""
+    try:  # the tokenizer measures the conversations; a hub model's is used only if already cached
+        tokenizer = model.load_tokenizer(load, local_files_only=cfg.model.source is ModelSource.hub)
+    except RunnerError:
+        tokenizer = None
+    context, context_from = _longest_context(cfg, conversations, tokenizer)
+    rows = _batch_rows(cfg, hardware, conversations)
+    plan = model.memory_plan(cfg, hardware, model.architecture(cfg, load), rows, context, context_from)
+    print("\n".join(plan.lines()))
+    write_json_atomically(run_dir / "plan.json", plan.as_dict())
+    return plan.as_dict()
+
+
+def _batch_rows(cfg: RunConfig, hardware: model.Hardware, conversations: list[Conversation]) -> int:
+    """The batch the engine will run: the configured size, at most one row per conversation sample."""
+    streams = len(conversations) * cfg.generation.num_samples
+    return max(1, min(model.resolve_batch_size(cfg, hardware), streams))
+
+
+def _longest_context(cfg: RunConfig, conversations: list[Conversation], tokenizer: Any) -> tuple[int, str]:
+    """The longest sequence one conversation reaches: its final shape as the template renders it,
+    plus max_new_tokens for each reply to generate. Without a tokenizer, a character count / 3."""
+    fold = tokenizer is not None and not engine.template_supports_system_role(tokenizer)
+    longest = 0
+    for conversation in conversations:
+        messages = final_shape(conversation, cfg.replay.mode, fold=fold)
+        if tokenizer is not None:
+            tokens = engine.chat_tokens(tokenizer, messages)
+        else:
+            tokens = sum(len(message.content) // 3 + 8 for message in messages)
+        replies = replies_to_generate(conversation, cfg.replay.mode)
+        longest = max(longest, tokens + replies * cfg.generation.max_new_tokens)
+    how = "the longest conversation" if tokenizer is not None else "estimated as characters / 3"
+    return longest, f"{how} + max_new_tokens per reply"
+
+
 def _check_template(
     conversations: list[Conversation], tokenizer: Any, mode: ReplayMode
 ) -> tuple[list[Conversation], list[Rejected]]:
@@ -265,16 +346,19 @@ def _check_template(
     return accepted, refused
 
 
-def _roofline(turns: list[Turn], loaded: dict[str, Any], bandwidth: float, speed: float) -> dict[str, float]:
-    """Decoding reads every weight and the whole KV cache once per step: at batch 1 that bounds the
-    speed at bandwidth / bytes per token. The KV part uses the mean context over generated tokens."""
+def _roofline(
+    turns: list[Turn], loaded: dict[str, Any], active: float, bandwidth: float, speed: float
+) -> dict[str, float]:
+    """Decoding reads the active weights (`active` of them: a mixture of experts reads the experts
+    it routes to) and the whole KV cache once per step: at batch 1 that bounds the speed at
+    bandwidth / bytes per token. The KV part uses the mean context over generated tokens."""
     generated = sum(turn.new_tokens for turn in turns)
     context = (
         sum(t.new_tokens * (t.prompt_tokens + t.new_tokens / 2) for t in turns) / generated
         if generated
         else 0
     )
-    per_token = loaded["weights_bytes"] + loaded["kv_bytes_per_token"] * context
+    per_token = active * loaded["weights_bytes"] + loaded["kv_bytes_per_token"] * context
     batch1 = bandwidth / per_token
     return {
         "memory_bandwidth_bytes_per_second": round(bandwidth),

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import transformers
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 from jinja2.exceptions import TemplateError
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, TextGenerationPipeline, set_seed
@@ -122,6 +121,12 @@ def template_error(tokenizer: Any, messages: Sequence[Message]) -> str | None:
     except TemplateError as error:
         return str(error)
     return None
+
+
+def chat_tokens(tokenizer: Any, messages: Sequence[Message]) -> int:
+    """How many tokens the chat template renders these messages into."""
+    chat = [message.as_dict() for message in messages]
+    return len(tokenizer.apply_chat_template(chat, return_dict=True)["input_ids"])
 
 
 def stop_token_ids(generation_config: Any) -> frozenset[int]:
@@ -528,15 +533,6 @@ class _Layout:
 
 def create_engine(cfg: RunConfig, pipe: ChatReplayPipeline, generate: dict[str, Any], batch_size: int):
     """The engine that `engine.kind` names, around an already loaded pipeline."""
-    if cfg.generation.speculation and batch_size > 1:
-        log.warning(
-            "speculative decoding (%s): transformers %s drafts for one sequence at a time, so this run "
-            "uses batch size 1 instead of %d",
-            cfg.generation.speculation,
-            transformers.__version__,
-            batch_size,
-        )
-        batch_size = 1
     if cfg.engine.kind is EngineKind.pipeline:
         return PipelineEngine(pipe, generate)
     return BatchedEngine(pipe.model, pipe.tokenizer, generate, batch_size, cfg.engine.cache_mb * 2**20)

@@ -17,11 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
+from accelerate.utils import convert_file_size_to_int
 from transformers import BitsAndBytesConfig
 
 from runner.errors import ConfigError, ModelLoadError
+from runner.plan import MemoryPlan, make_plan
 from runner.schema import (
+    ArchitectureConfig,
     DeviceKind,
     EngineKind,
     ModelSource,
@@ -35,20 +39,30 @@ from runner.schema import (
 log = logging.getLogger(__name__)
 
 DTYPES = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
+DTYPE_NAMES = {dtype: precision.value for precision, dtype in DTYPES.items()}
 
 
 @dataclass(frozen=True)
 class Hardware:
-    """What the machine offers, as far as argument translation needs to know."""
+    """What the machine offers, as far as argument translation and the memory plan need to know."""
 
     cuda_devices: int = 0
     cuda_bf16: bool = False
+    cuda_free: tuple[int, ...] = ()  # free bytes of each GPU
+    cpu_free: int = 0  # available RAM in bytes
 
 
 def detect_hardware() -> Hardware:
+    cpu_free = psutil.virtual_memory().available
     if not torch.cuda.is_available():
-        return Hardware()
-    return Hardware(cuda_devices=torch.cuda.device_count(), cuda_bf16=torch.cuda.is_bf16_supported())
+        return Hardware(cpu_free=cpu_free)
+    count = torch.cuda.device_count()
+    return Hardware(
+        cuda_devices=count,
+        cuda_bf16=torch.cuda.is_bf16_supported(),
+        cuda_free=tuple(torch.cuda.mem_get_info(index)[0] for index in range(count)),
+        cpu_free=cpu_free,
+    )
 
 
 def memory_bandwidth(device: str, cache_dir: Path) -> float:
@@ -131,13 +145,110 @@ AUTO_BATCH_SIZE = {"cpu": 32, "cuda": 64}
 
 
 def resolve_batch_size(cfg: RunConfig, hardware: Hardware) -> int:
-    """engine.batch_size as a number: pipeline is always 1; auto depends on the hardware."""
-    if cfg.engine.kind is EngineKind.pipeline:
+    """engine.batch_size as a number: pipeline and speculative decoding are always 1 (transformers
+    drafts for one sequence at a time); auto depends on the hardware."""
+    if cfg.engine.kind is EngineKind.pipeline or cfg.generation.speculation:
         return 1
     if cfg.engine.batch_size != "auto":
         return cfg.engine.batch_size
     on_gpu = hardware.cuda_devices > 0 and cfg.device.kind is not DeviceKind.cpu
     return AUTO_BATCH_SIZE["cuda" if on_gpu else "cpu"]
+
+
+def architecture(cfg: RunConfig, load: dict[str, Any]) -> ArchitectureConfig:
+    """The preset's architecture figures, or those read from the checkpoint's config.json.
+
+    Reading counts the parameters of the model built on the meta device: no weights are read.
+    """
+    if cfg.model.architecture is not None:
+        return cfg.model.architecture
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(
+            load["model"], revision=load.get("revision"), trust_remote_code=load["trust_remote_code"]
+        )
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"could not read the config of {load['model']!r} for the memory plan: {error} "
+            "(or give its figures as model.architecture.*, as the hub presets do)"
+        ) from error
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=load["trust_remote_code"])
+    params = sum(parameter.numel() for parameter in skeleton.parameters())
+    text = config.get_text_config()
+    experts = getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None)
+    active = None
+    if experts and getattr(text, "num_experts_per_tok", None):
+        expert_params = sum(p.numel() for name, p in skeleton.named_parameters() if ".experts." in name)
+        active = params - expert_params + expert_params * text.num_experts_per_tok // experts
+    heads = text.num_attention_heads
+    return ArchitectureConfig(
+        params=params,
+        active_params=active,
+        hidden_size=text.hidden_size,
+        layers=text.num_hidden_layers,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        context_length=text.max_position_embeddings,
+        vocab_size=text.vocab_size,
+        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+    )
+
+
+def plan_devices(cfg: RunConfig, hardware: Hardware) -> tuple[dict[str, int], int]:
+    """Free bytes of each device the model would load onto, and the CPU bytes device_map="auto"
+    may offload layers into; device.max_memory caps both."""
+    caps = {str(key): convert_file_size_to_int(value) for key, value in cfg.device.max_memory.items()}
+    gpus = {
+        f"cuda:{index}": min(free, caps.get(str(index), free))
+        for index, free in enumerate(hardware.cuda_free)
+    }
+    cpu = {"cpu": min(hardware.cpu_free, caps.get("cpu", hardware.cpu_free))}
+    kind = cfg.device.kind
+    if kind is DeviceKind.cpu or not gpus:
+        return cpu, 0
+    if kind is DeviceKind.cuda and not caps:
+        return {"cuda:0": gpus["cuda:0"]}, 0
+    if caps and any(key != "cpu" for key in caps):  # max_memory names the GPUs to use
+        gpus = {name: free for name, free in gpus.items() if name.removeprefix("cuda:") in caps}
+    return gpus, cpu["cpu"] if kind is DeviceKind.auto else 0
+
+
+def memory_plan(
+    cfg: RunConfig,
+    hardware: Hardware,
+    arch: ArchitectureConfig,
+    batch_rows: int,
+    context_tokens: int,
+    context_from: str,
+) -> MemoryPlan:
+    """This run's memory plan (see runner/plan.py), with precision/quant alternatives to advise."""
+    dtype = resolve_dtype(cfg.precision.dtype, hardware)
+    alternatives = {}
+    for other in [dtype] + ([torch.bfloat16] if dtype == torch.float32 else []):
+        for method in QuantMethod:
+            if other == dtype and method is cfg.quant.method:
+                continue
+            name = f"precision={DTYPE_NAMES[other]} " if other != dtype else ""
+            name += f"quant={method.value}"
+            alternatives[name] = (other.itemsize, dataclasses.replace(cfg.quant, method=method))
+    devices, offload = plan_devices(cfg, hardware)
+    batched = cfg.engine.kind is EngineKind.batched and not cfg.generation.speculation
+    return make_plan(
+        model=cfg.model.name,
+        arch=arch,
+        dtype=DTYPE_NAMES[dtype],
+        dtype_bytes=dtype.itemsize,
+        quant=cfg.quant,
+        batch_rows=batch_rows,
+        context_tokens=context_tokens,
+        context_from=context_from,
+        cache_bytes=cfg.engine.cache_mb * 2**20 if batched else 0,
+        devices=devices,
+        offload_bytes=offload,
+        alternatives=alternatives,
+    )
 
 
 def prepare(cfg: RunConfig) -> tuple[Hardware, TransformersArguments]:
@@ -295,7 +406,7 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def load_tokenizer(load: dict[str, Any]) -> Any:
+def load_tokenizer(load: dict[str, Any], local_files_only: bool = False) -> Any:
     """The model's tokenizer (and chat template) alone, so input can be checked before the weights load."""
     from transformers import AutoTokenizer
 
@@ -303,7 +414,10 @@ def load_tokenizer(load: dict[str, Any]) -> Any:
         log.warning("trust_remote_code=true: running Python code shipped with %s", load["model"])
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            load["model"], revision=load.get("revision"), trust_remote_code=load["trust_remote_code"]
+            load["model"],
+            revision=load.get("revision"),
+            trust_remote_code=load["trust_remote_code"],
+            local_files_only=local_files_only,
         )
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"could not load the tokenizer of {load['model']!r}: {error}") from error

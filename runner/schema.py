@@ -72,6 +72,25 @@ class ReplayMode(Enum):
 
 
 @dataclass
+class ArchitectureConfig:
+    """What the memory plan needs to know of a model without its weights (see runner/plan.py)."""
+
+    params: int = MISSING  # all parameters
+    active_params: int | None = None  # read per token, for mixture-of-experts models (None: all)
+    hidden_size: int = MISSING
+    layers: int = MISSING
+    kv_heads: int = MISSING  # key/value heads (fewer than query heads under grouped-query attention)
+    head_dim: int = MISSING
+    context_length: int = MISSING
+    vocab_size: int = MISSING
+    tied_embeddings: bool = False  # lm_head shares the input embedding matrix
+
+    def __post_init__(self) -> None:
+        if not 0 < (self.active_params or self.params) <= self.params:
+            raise ConfigError("model.architecture.active_params must be in (0, params]")
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     source: ModelSource = MISSING
@@ -80,6 +99,8 @@ class ModelConfig:
     path: str | None = None
     package: str | None = None
     trust_remote_code: bool = False
+    # Presets of hub models record it; embedded and local models are read from their config.json.
+    architecture: ArchitectureConfig | None = None
 
     def __post_init__(self) -> None:
         required = {ModelSource.hub: "id", ModelSource.local: "path", ModelSource.embedded: "package"}[
@@ -242,6 +263,7 @@ class RunConfig:
     shard: ShardConfig = field(default_factory=ShardConfig)
     cache_dir: str = MISSING
     resume: bool = False
+    plan: bool = False  # print the memory plan and exit, loading no weights
 
 
 GROUP_SCHEMAS = {
@@ -291,7 +313,7 @@ def refuse_secrets(arguments: list[str]) -> None:
 def config_record(cfg: RunConfig) -> dict[str, Any]:
     """The run config as plain JSON data (what resume compares; `resume` itself left out)."""
     record = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
-    del record["resume"]
+    del record["resume"], record["plan"]
     return record
 
 

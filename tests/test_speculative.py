@@ -75,7 +75,7 @@ def test_assistant_model_run_equals_the_plain_run_at_batch_size_one(write_jsonl,
         *common, "generation.assistant_model=smollm2_135m", f"hydra.run.dir={tmp_path / 'drafted'}"
     )
     assert drafted.returncode == 0, drafted.stderr
-    assert "uses batch size 1 instead of 32" in drafted.stderr
+    assert "uses batch size 1 (engine.batch_size=32)" in drafted.stderr
 
     def texts(run: str) -> list[list[str]]:
         return [

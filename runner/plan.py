@@ -1,0 +1,207 @@
+"""The memory plan: what a run needs (weights, KV cache) against what its devices offer; no torch.
+
+Weights take bytes per parameter by precision (4 fp32, 2 bf16/fp16). bitsandbytes quantizes the
+linear layers only (int8: 1 byte per weight; int4: half a byte plus one absmax per 64 weights) and
+keeps the input embeddings and lm_head in the load precision, which for a small model with a large
+vocabulary is most of its quantized size. The KV cache takes 2 (keys, values) x layers x KV heads
+x head dim values per token of context, for every row of a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from runner.schema import ArchitectureConfig, QuantConfig, QuantMethod
+
+# Of a device's free memory, what weights and KV cache may take: the rest is for activations,
+# logits and the CUDA context.
+USABLE_FRACTION = 0.9
+_INT4_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}  # by double_quant
+
+
+def weights_bytes(arch: ArchitectureConfig, dtype_bytes: int, quant: QuantConfig) -> int:
+    """Bytes the loaded weights take (what `get_memory_footprint()` reports)."""
+    embeddings = arch.vocab_size * arch.hidden_size * (1 if arch.tied_embeddings else 2)
+    if quant.method is QuantMethod.none:
+        return arch.params * dtype_bytes
+    per_weight = 1.0 if quant.method is QuantMethod.int8 else _INT4_BYTES[quant.double_quant]
+    return round((arch.params - embeddings) * per_weight + embeddings * dtype_bytes)
+
+
+def kv_bytes_per_token(arch: ArchitectureConfig, dtype_bytes: int) -> int:
+    """KV-cache bytes of one token of context: keys and values of every layer."""
+    return 2 * arch.layers * arch.kv_heads * arch.head_dim * dtype_bytes
+
+
+def gb(size: float) -> str:
+    """Bytes as GB (10^9), the unit GPU sizes are sold in."""
+    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB"
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """A run's memory needs, its devices' free memory, and the verdict."""
+
+    model: str
+    dtype: str
+    quant: str
+    weights_bytes: int
+    kv_bytes_per_token: int
+    batch_rows: int
+    context_tokens: int
+    context_from: str  # how context_tokens was found
+    kv_bytes: int  # batch_rows x context_tokens tokens of KV cache
+    kept_cache_bytes: int  # KV caches the batched engine keeps between turns
+    total_bytes: int
+    devices: dict[str, int]  # device -> free bytes the model may use
+    offload_bytes: int  # CPU memory device_map="auto" may spill layers into
+    verdict: str  # fits | fits_with_offload | does_not_fit
+    advice: str | None
+    fitting_batch: int | None  # the largest smaller batch that fits, if the batch is what does not
+
+    @property
+    def fits(self) -> bool:
+        return self.verdict != "does_not_fit"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        """The plan as printed by plan=true and logged before a run."""
+        quant = "" if self.quant == "none" else f" + {self.quant}"
+        devices = ", ".join(f"{name} {gb(free)} free" for name, free in self.devices.items())
+        lines = [
+            f"memory plan for {self.model} in {self.dtype}{quant}:",
+            f"  weights         {gb(self.weights_bytes):>10}",
+            f"  KV cache        {gb(self.kv_bytes):>10}  ({self.batch_rows} row(s) x {self.context_tokens:,} "
+            f"tokens x {self.kv_bytes_per_token / 2**10:,.0f} KiB; context {self.context_from})",
+        ]
+        if self.kept_cache_bytes:
+            lines.append(f"  kept KV caches  {gb(self.kept_cache_bytes):>10}  (engine.cache_mb)")
+        lines += [
+            f"  total           {gb(self.total_bytes):>10}",
+            f"  available       {gb(usable(self.devices)):>10}  ({USABLE_FRACTION:.0%} of {devices})",
+            f"  verdict: {self.verdict_text()}",
+        ]
+        return lines
+
+    def verdict_text(self) -> str:
+        if self.verdict == "fits":
+            return "fits"
+        if self.verdict == "fits_with_offload":
+            return (
+                f"fits only by offloading layers to the CPU ({gb(self.offload_bytes)} free there), which "
+                f"is far slower{'; ' + self.advice if self.advice else ''}"
+            )
+        return f"does not fit; {self.advice}"
+
+    def refusal(self) -> str:
+        """The one-line error of a run whose plan does not fit."""
+        devices = " + ".join(self.devices)
+        return (
+            f"{self.model} in {self.dtype}{'' if self.quant == 'none' else ' ' + self.quant} needs "
+            f"~{gb(self.weights_bytes)} for weights and {gb(self.total_bytes - self.weights_bytes)} for "
+            f"the KV cache; {devices} has {gb(usable(self.devices))} usable: {self.advice} "
+            "(python -m runner ... plan=true shows the plan)"
+        )
+
+
+def usable(devices: dict[str, int]) -> int:
+    return round(USABLE_FRACTION * sum(devices.values()))
+
+
+def make_plan(
+    *,
+    model: str,
+    arch: ArchitectureConfig,
+    dtype: str,
+    dtype_bytes: int,
+    quant: QuantConfig,
+    batch_rows: int,
+    context_tokens: int,
+    context_from: str,
+    cache_bytes: int,
+    devices: dict[str, int],
+    offload_bytes: int,
+    alternatives: dict[str, tuple[int, QuantConfig]],
+) -> MemoryPlan:
+    """Weigh one run against its devices.
+
+    Args:
+        context_tokens: the longest sequence (prompt + reply) one row may reach.
+        cache_bytes: the most the batched engine keeps of finished turns' KV caches (0 if none).
+        devices: free bytes of each device the model loads onto.
+        offload_bytes: CPU bytes that device_map="auto" may spill into (0 where it cannot).
+        alternatives: other choices to advise, "precision=bf16 quant=int4" -> (dtype bytes, quant).
+    """
+    per_token = kv_bytes_per_token(arch, dtype_bytes)
+    context = min(context_tokens, arch.context_length)
+
+    def cache_need(rows: int, bytes_per_token: int) -> tuple[int, int]:
+        """KV of the rows in flight, and what the engine keeps of up to 4 x rows waiting turns."""
+        in_flight = rows * context * bytes_per_token
+        return in_flight, min(cache_bytes, 4 * in_flight)
+
+    weights = weights_bytes(arch, dtype_bytes, quant)
+    kv, kept = cache_need(batch_rows, per_token)
+    total = weights + kv + kept
+    room = usable(devices)
+    if total <= room:
+        verdict = "fits"
+    elif offload_bytes and total <= room + USABLE_FRACTION * offload_bytes:
+        verdict = "fits_with_offload"
+    else:
+        verdict = "does_not_fit"
+    advice, batch = None, None
+    if verdict != "fits":
+        # The cheapest change that fits: a smaller batch, else the least compressed precision/quant.
+        batch = next(
+            (
+                rows
+                for rows in range(batch_rows - 1, 0, -1)
+                if weights + sum(cache_need(rows, per_token)) <= room
+            ),
+            None,
+        )
+        candidates = sorted(
+            (
+                (weights_bytes(arch, other_bytes, other_quant), name, other_bytes)
+                for name, (other_bytes, other_quant) in alternatives.items()
+            ),
+            reverse=True,
+        )
+        fitting = [
+            (w, f"{name}{'' if rows == batch_rows else f' engine.batch_size={rows}'}")
+            for rows in dict.fromkeys([batch_rows, 1])
+            for w, name, other_bytes in candidates
+            if w + sum(cache_need(rows, kv_bytes_per_token(arch, other_bytes))) <= room
+        ]
+        if batch is not None:
+            advice = f"engine.batch_size={batch} fits"
+        elif fitting:
+            advice = f"{fitting[0][1]} needs ~{gb(fitting[0][0])} for weights and fits"
+        elif candidates:
+            advice = (
+                f"nothing fits here: even {candidates[-1][1]} needs ~{gb(candidates[-1][0])} for weights; "
+                "use a device with more memory, more GPUs (device=auto), or a smaller model"
+            )
+        else:
+            advice = "use a device with more memory, more GPUs (device=auto), or a smaller model"
+    return MemoryPlan(
+        model=model,
+        dtype=dtype,
+        quant=quant.method.value,
+        weights_bytes=weights,
+        kv_bytes_per_token=per_token,
+        batch_rows=batch_rows,
+        context_tokens=context,
+        context_from=context_from,
+        kv_bytes=kv,
+        kept_cache_bytes=kept,
+        total_bytes=total,
+        devices=devices,
+        offload_bytes=offload_bytes,
+        verdict=verdict,
+        advice=advice,
+        fitting_batch=batch,
+    )

@@ -1,0 +1,153 @@
+"""The memory plan: preset arithmetic against device sizes, the embedded model's real footprint,
+and `plan=true` / the refusal as a user meets them."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from test_cli import run_cli
+
+from runner.model import Hardware, architecture, memory_plan
+from runner.plan import USABLE_FRACTION, kv_bytes_per_token, weights_bytes
+from runner.schema import QuantConfig, QuantMethod, to_run_config
+
+GB = 10**9
+H100 = Hardware(cuda_devices=1, cuda_bf16=True, cuda_free=(80 * GB,), cpu_free=200 * GB)
+TWO_H100 = Hardware(cuda_devices=2, cuda_bf16=True, cuda_free=(80 * GB, 80 * GB), cpu_free=200 * GB)
+LAPTOP = Hardware(cpu_free=16 * GB)
+
+
+def plan_for(compose_config, hardware, *overrides, rows=8, context=2048):
+    cfg = to_run_config(compose_config(*overrides))
+    return memory_plan(cfg, hardware, cfg.model.architecture, rows, context, "test")
+
+
+def test_llama3_70b_in_bf16_is_refused_on_one_80gb_gpu_and_int4_is_named(compose_config):
+    plan = plan_for(compose_config, H100, "model=llama3_70b", "device=cuda")
+    assert plan.weights_bytes == 2 * 70_553_706_496 and plan.devices == {"cuda:0": 80 * GB}
+    assert plan.verdict == "does_not_fit"
+    # int8 (~73 GB) leaves no room in 90% of 80 GB; int4 is the least compressed choice that fits.
+    assert plan.advice.startswith("quant=int4 needs ~39.5 GB")
+    message = plan.refusal()
+    assert (
+        message.startswith("llama3_70b in bf16 needs ~141.1 GB for weights")
+        and "cuda:0 has 72.0 GB" in message
+    )
+    assert plan_for(compose_config, H100, "model=llama3_70b", "device=cuda", "quant=int4").verdict == "fits"
+
+
+def test_device_auto_counts_every_gpu_and_offloads_only_as_a_last_resort(compose_config):
+    both = plan_for(compose_config, TWO_H100, "model=llama3_70b", "quant=int8")
+    assert both.devices == {"cuda:0": 80 * GB, "cuda:1": 80 * GB} and both.verdict == "fits"
+    one = plan_for(compose_config, H100, "model=llama3_70b", "quant=int8")
+    assert one.verdict == "fits_with_offload" and one.offload_bytes == 200 * GB
+    assert "offloading layers to the CPU" in one.verdict_text()
+    capped = plan_for(
+        compose_config, TWO_H100, "model=llama3_70b", "device=cuda", "+device.max_memory={0:40GB,1:40GB}"
+    )
+    assert capped.devices == {"cuda:0": 40 * GB, "cuda:1": 40 * GB} and capped.verdict == "does_not_fit"
+
+
+def test_a_batch_that_does_not_fit_gets_the_largest_that_does(compose_config):
+    plan = plan_for(
+        compose_config,
+        Hardware(1, True, (24 * GB,), 64 * GB),
+        "model=llama3_8b",
+        "device=cuda",
+        rows=64,
+        context=8192,
+    )
+    assert plan.verdict == "does_not_fit" and plan.fitting_batch is not None
+    assert plan.advice == f"engine.batch_size={plan.fitting_batch} fits"
+    fits = plan_for(
+        compose_config,
+        Hardware(1, True, (24 * GB,), 64 * GB),
+        "model=llama3_8b",
+        "device=cuda",
+        rows=plan.fitting_batch,
+        context=8192,
+    )
+    bigger = plan_for(
+        compose_config,
+        Hardware(1, True, (24 * GB,), 64 * GB),
+        "model=llama3_8b",
+        "device=cuda",
+        rows=plan.fitting_batch + 1,
+        context=8192,
+    )
+    assert (fits.verdict, bigger.verdict) == ("fits", "does_not_fit")
+
+
+def test_kv_cache_follows_layers_kv_heads_and_the_context_cap(compose_config):
+    plan = plan_for(compose_config, H100, "model=llama3_8b", "engine.cache_mb=0", rows=4, context=100_000)
+    assert plan.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2  # 128 KiB in bf16
+    assert plan.context_tokens == 8192  # capped at the model's context
+    assert plan.kv_bytes == 4 * 8192 * plan.kv_bytes_per_token and plan.kept_cache_bytes == 0
+
+
+def test_mixture_of_experts_weights_count_every_expert(compose_config):
+    plan = plan_for(compose_config, H100, "model=mixtral_8x7b", "device=cuda")
+    arch = to_run_config(compose_config("model=mixtral_8x7b")).model.architecture
+    assert arch.active_params < arch.params / 3  # read per token: 2 of 8 experts
+    assert plan.weights_bytes == 2 * arch.params  # but all of them are resident
+    assert plan.advice.startswith("quant=int8")
+
+
+@pytest.mark.slow
+def test_embedded_architecture_is_read_from_its_config_and_matches_the_loaded_model(
+    compose_config, smol_pipeline, embedded_dir
+):
+    cfg = to_run_config(compose_config())
+    arch = architecture(cfg, {"model": str(embedded_dir), "trust_remote_code": False})
+    loaded = smol_pipeline.model
+    assert arch.params == sum(p.numel() for p in loaded.parameters())
+    assert arch.tied_embeddings and arch.active_params is None
+    assert kv_bytes_per_token(arch, 4) == 2 * loaded.config.num_hidden_layers * 3 * 64 * 4
+    fp32 = weights_bytes(arch, 4, QuantConfig(method=QuantMethod.none))
+    assert fp32 == pytest.approx(loaded.get_memory_footprint(), rel=0.01)
+    # bitsandbytes leaves the (tied) embedding matrix in fp32: int8 is far from a quarter of fp32.
+    assert weights_bytes(arch, 4, QuantConfig(method=QuantMethod.int8)) > 0.38 * fp32
+
+
+@pytest.mark.slow
+def test_plan_true_prints_the_plan_and_loads_nothing(tmp_path):
+    done = run_cli("model=llama3_70b", "plan=true", f"hydra.run.dir={tmp_path}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("memory plan for llama3_70b in ")
+    for label in ("weights", "KV cache", "total", "available", "verdict:"):
+        assert label in done.stdout
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["model"] == "llama3_70b" and plan["weights_bytes"] > 140 * GB
+    assert not (tmp_path / "chats").exists() and "loading" not in done.stderr
+
+
+@pytest.mark.slow
+def test_a_run_that_cannot_fit_is_refused_before_loading_and_the_advice_works(write_jsonl, tmp_path):
+    source = write_jsonl([{"id": 1, "messages": [{"role": "user", "content": "Hi!"}]}])
+    cap = "+device.max_memory={cpu:400MiB}"  # less than the fp32 weights with their KV caches
+    refused = run_cli(
+        cap, f"input.path={source}", "generation.max_new_tokens=4", f"hydra.run.dir={tmp_path / 'a'}"
+    )
+    assert refused.returncode == 1
+    error = refused.stderr.strip().splitlines()[-1]
+    assert "smollm2_135m in fp32 needs ~538 MB for weights" in error and "cpu has" in error
+    assert not (tmp_path / "a" / "chats").exists() and "loading smollm2_135m" not in refused.stderr
+    advice = re.search(r"usable: ((?:precision=\w+ )?quant=\w+(?: engine.batch_size=\d+)?) needs", error)
+    assert advice, error
+    taken = run_cli(
+        cap,
+        *advice[1].split(),
+        f"input.path={source}",
+        "generation.max_new_tokens=4",
+        f"hydra.run.dir={tmp_path / 'b'}",
+    )
+    assert taken.returncode == 0, taken.stderr
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["memory_plan"]["verdict"] == "fits"
+
+
+def test_usable_fraction_leaves_room_for_activations():
+    assert 0.8 <= USABLE_FRACTION < 1
+    assert torch.bfloat16.itemsize == 2  # the arithmetic's bytes per bf16 parameter
