@@ -8,7 +8,8 @@ new tokens (min_new_tokens = max_new_tokens), so generated tokens/s and peak RSS
 
 It prints tokens/s of each, the ratio to the seed's way, peak RSS, the measured memory bandwidth,
 the batch-1 roofline (bandwidth / weight bytes) and the fraction of it each reached, and how many
-replies are identical to the seed's way.
+replies are identical to the seed's way. The speculative row compares batch-1 latency per turn
+with prompt lookup decoding (`lookup`) against batch 1 without it (`batch1`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,6 +29,8 @@ CONTENDERS = {
     "seed": "bare TextGenerationPipeline loop, batch 1 (the seed's way)",
     "pipeline": "python -m runner engine=pipeline",
     "batched": "python -m runner engine=batched",
+    "batch1": "python -m runner engine.batch_size=1 (the speculative rows' baseline)",
+    "lookup": "python -m runner generation.prompt_lookup_num_tokens=N (batch 1)",
 }
 
 
@@ -38,9 +42,8 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=16, help="the first N conversations")
     parser.add_argument("--new-tokens", type=int, default=64, help="forced new tokens per turn")
     parser.add_argument("--batch-size", help="engine.batch_size for engine=batched (default: the config's)")
-    parser.add_argument(
-        "--contenders", default="seed,pipeline,batched", help=f"any of {','.join(CONTENDERS)}"
-    )
+    parser.add_argument("--contenders", default=",".join(CONTENDERS), help=f"any of {','.join(CONTENDERS)}")
+    parser.add_argument("--lookup-tokens", type=int, default=10, help="N of the lookup contender")
     parser.add_argument(
         "--override", action="append", default=[], help="extra Hydra override, e.g. precision=bf16"
     )
@@ -73,7 +76,7 @@ def run_contender(args: argparse.Namespace) -> dict:
     from runner.schema import register_configs, to_run_config
 
     register_configs()
-    engine_choice = "pipeline" if args.child == "seed" else args.child
+    engine_choice = {"seed": "pipeline", "pipeline": "pipeline"}.get(args.child, "batched")
     overrides = [
         f"engine={engine_choice}",
         f"generation.max_new_tokens={args.new_tokens}",
@@ -82,6 +85,10 @@ def run_contender(args: argparse.Namespace) -> dict:
     ]
     if args.child == "batched" and args.batch_size:
         overrides.append(f"engine.batch_size={args.batch_size}")
+    if args.child == "batch1":
+        overrides.append("engine.batch_size=1")
+    if args.child == "lookup":
+        overrides.append(f"generation.prompt_lookup_num_tokens={args.lookup_tokens}")
     with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT / "conf")):
         cfg = to_run_config(compose(config_name="config", overrides=overrides))
     conversations = load_conversations(resolve_input_files(args.input))[: args.conversations]
@@ -94,6 +101,7 @@ def run_contender(args: argparse.Namespace) -> dict:
     load_seconds = time.perf_counter() - load_start
 
     start = time.perf_counter()
+    turn_seconds, speculative = [], None
     if args.child == "seed":
         replies = seed_way(pipe, conversations, args.new_tokens)
         generated = len(replies) * args.new_tokens  # min_new_tokens forces every reply's length
@@ -104,8 +112,12 @@ def run_contender(args: argparse.Namespace) -> dict:
         for result in replay_all(conversations, chat_engine, cfg.replay.mode, run_seed=0):
             replies += [result.messages[turn.message_index].content for turn in result.turns]
             generated += sum(turn.new_tokens for turn in result.turns)
+            turn_seconds += [turn.seconds for turn in result.turns]
+        speculative = chat_engine.speculation.summary() if chat_engine.speculation else None
     seconds = time.perf_counter() - start
     return {
+        "turn_seconds": turn_seconds,
+        "speculative": speculative,
         "replies": replies,
         "generated_tokens": generated,
         "seconds": seconds,
@@ -158,6 +170,19 @@ def report(results: dict[str, dict], bandwidth: float, args: argparse.Namespace)
         print(
             f"{name:<10} {result['generated_tokens']:>7} {result['seconds']:>8.1f} {speed:>8.1f} "
             f"{ratio:>7.2f}x {speed / roofline:>8.0%} {rss:>7.2f}G {same:>10}  {CONTENDERS[name]}"
+        )
+    if "batch1" in results and "lookup" in results:
+        plain, lookup = results["batch1"]["turn_seconds"], results["lookup"]["turn_seconds"]
+        # Both replay the same turns in the same order at batch 1, so turns pair up.
+        speedups = sorted(a / b for a, b in zip(plain, lookup, strict=True))
+        accepted = results["lookup"]["speculative"]
+        print(
+            f"speculative (prompt lookup, {args.lookup_tokens} tokens) against batch 1 without: mean latency "
+            f"per turn {statistics.mean(lookup):.2f} s vs {statistics.mean(plain):.2f} s = "
+            f"{statistics.mean(plain) / statistics.mean(lookup):.2f}x; per-turn speed-up median "
+            f"{statistics.median(speedups):.2f}x, best {speedups[-1]:.2f}x; "
+            f"{accepted['acceptance_rate']:.0%} of drafted tokens accepted, "
+            f"{accepted['tokens_per_forward_pass']:.2f} tokens per forward pass"
         )
 
 
