@@ -1,0 +1,203 @@
+"""`python -m runner.view <run dir | sweep dir>`: write a self-contained index.html to read the chats.
+
+One static file, no server and no network: the page's script and the run's data are inlined (the
+data as JSON in a non-executed script element, every text string stored once), and the page puts
+text on screen through `textContent` only, with a Content-Security-Policy that allows no other
+script. A sweep shows each conversation side by side across its jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from runner.errors import RunnerError
+from runner.report import COLUMNS, job_rows
+
+TEMPLATE = Path(__file__).with_name("view.html")
+ROLES = {"system": 0, "user": 1, "assistant": 2}
+FINISH = {"stop": 0, "length": 1}
+
+
+class _Strings:
+    """A string table: in a sweep every job repeats the same prompts, so each text is kept once."""
+
+    def __init__(self) -> None:
+        self.table: list[str] = []
+        self._index: dict[str, int] = {}
+
+    def __call__(self, text: str) -> int:
+        if text not in self._index:
+            self._index[text] = len(self.table)
+            self.table.append(text)
+        return self._index[text]
+
+
+def build(directory: Path) -> Path:
+    """Write `directory`/index.html for a run dir or a sweep dir; return its path."""
+    if (directory / "chats").is_dir() or (directory / "summary.json").exists():
+        kind, job_dirs = "run", [directory]
+    else:
+        job_dirs = [directory / row["job"] for row in job_rows(directory)] if directory.is_dir() else []
+        kind = "sweep"
+    if not job_dirs:
+        raise RunnerError(
+            f"{directory} is neither a run dir (chats/, summary.json) nor a sweep dir (job dirs)"
+        )
+    data = collect(directory, kind, job_dirs)
+    page = directory / "index.html"
+    page.write_text(render(data), encoding="utf-8")
+    return page
+
+
+def collect(directory: Path, kind: str, job_dirs: list[Path]) -> dict[str, Any]:
+    """The page's data: jobs, conversations matched across jobs by (file, id, sample), strings."""
+    strings = _Strings()
+    rows = {row["job"]: row for row in job_rows(directory)} if kind == "sweep" else {}
+    labels = _labels([rows.get(job_dir.name, {}).get("overrides", "").split() for job_dir in job_dirs])
+    jobs, conversations, keys = [], [], {}
+    for number, job_dir in enumerate(job_dirs):
+        row = rows.get(job_dir.name, {})
+        jobs.append(
+            {
+                "dir": job_dir.name,
+                "label": labels[number] or job_dir.name,
+                "summary": _summary(job_dir),
+                "error": row.get("error") or None,
+            }
+        )
+        for chat_file in sorted((job_dir / "chats").glob("*.jsonl")):
+            for record in _whole_records(chat_file):
+                key = (chat_file.stem, str(record["id"]), record["replay"]["sample"])
+                if key not in keys:
+                    keys[key] = len(conversations)
+                    conversations.append(
+                        {"id": key[1], "file": key[0], "sample": key[2], "cells": [None] * len(job_dirs)}
+                    )
+                conversations[keys[key]]["cells"][number] = _cell(record, strings)
+    for conversation in conversations:
+        cells = [cell for cell in conversation["cells"] if cell is not None]
+        conversation["turns"] = max(len(cell["t"]) for cell in cells)
+        conversation["tokens"] = sum(turn[2] for turn in cells[0]["t"])
+        conversation["errors"] = sum(cell["e"] is not None for cell in cells)
+    report = None
+    if kind == "sweep":
+        chart = directory / "report.png"
+        report = {
+            "columns": [column for column in COLUMNS if column != "job"],
+            "rows": list(rows.values()),
+            "chart": "data:image/png;base64," + base64.b64encode(chart.read_bytes()).decode()
+            if chart.exists()
+            else None,
+        }
+    return {
+        "kind": kind,
+        "name": str(directory),
+        "jobs": jobs,
+        "conversations": conversations,
+        "strings": strings.table,
+        "report": report,
+    }
+
+
+def _labels(overrides: list[list[str]]) -> list[str]:
+    """Each job's overrides less those every job shares (the input path, say): what was swept."""
+    shared = set.intersection(*map(set, overrides)) if len(overrides) > 1 else set()
+    return [" ".join(o for o in job if o not in shared) for job in overrides]
+
+
+def _cell(record: dict[str, Any], strings: _Strings) -> dict[str, Any]:
+    """One job's record of a conversation: messages, turns as compact arrays, and its error."""
+    turns = [
+        [
+            turn["message_index"],
+            turn["prompt_tokens"],
+            turn["new_tokens"],
+            turn["seconds"],
+            turn["first_token_seconds"],
+            FINISH.get(turn["finish_reason"], turn["finish_reason"]),
+            strings(turn["reference"]) if turn.get("reference") is not None else -1,
+        ]
+        for turn in record["replay"]["turns"]
+    ]
+    error = record["replay"]["error"]
+    return {
+        "m": [[ROLES.get(m["role"], 1), strings(m["content"])] for m in record["messages"]],
+        "t": turns,
+        "e": f"{error['code']}: {error['message']}" if error else None,
+    }
+
+
+def _summary(job_dir: Path) -> dict[str, Any] | None:
+    """The figures the page shows of a run, from its summary.json (None while it has none)."""
+    path = job_dir / "summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    peak = summary["peak_memory"]["cuda_bytes"] or summary["peak_memory"]["rss_bytes"]
+    speculative = summary.get("speculative")
+    return {
+        "model": summary["model"]["name"],
+        "precision": summary["precision"],
+        "quant": summary["quant"],
+        "device": summary["device"],
+        "engine": summary["engine"],
+        "status": summary["status"],
+        "conversations": summary["conversations"],
+        "turns": summary["turns"],
+        "generated_tokens": summary["generated_tokens"],
+        "tokens_per_second": summary["tokens_per_second"],
+        "peak_memory_gib": round(peak / 2**30, 3),
+        "errors": sum(summary["errors"].values()),
+        "speculative": speculative["acceptance_rate"] if speculative else None,
+    }
+
+
+def _whole_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a chats file; a torn last line (a run still writing, or killed) is left out."""
+    records = []
+    lines = path.read_bytes().split(b"\n")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):  # no newline after it: not yet (or never) finished
+                break
+            raise RunnerError(f"{path}:{number}: not a whole JSON record") from None
+    return records
+
+
+def render(data: dict[str, Any]) -> str:
+    """The page with `data` inlined as JSON that can never close its script element."""
+    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    for character, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
+        payload = payload.replace(character, escape)
+    payload = payload.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    page = TEMPLATE.read_text(encoding="utf-8")
+    # The CSP allows exactly this page's own script (by hash): no injected handler could run.
+    script = re.search(r"<script>(.*?)</script>", page, re.DOTALL)[1]
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    page = page.replace("script-src 'unsafe-inline'", f"script-src 'sha256-{digest}'")
+    return page.replace("__DATA__", payload)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m runner.view", description=__doc__.splitlines()[0])
+    parser.add_argument("directory", type=Path, help="a run dir (outputs/<date>/<time>) or a sweep dir")
+    args = parser.parse_args(argv)
+    try:
+        print(build(args.directory))
+    except RunnerError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()
