@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="forced new tokens per turn")
     parser.add_argument("--batch-size", help="engine.batch_size for engine=batched (default: the config's)")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help=f"any of {','.join(CONTENDERS)}")
-    parser.add_argument("--lookup-tokens", type=int, default=10, help="N of the lookup contender")
+    parser.add_argument("--lookup-tokens", type=int, default=3, help="N of the lookup contender")
     parser.add_argument(
         "--override", action="append", default=[], help="extra Hydra override, e.g. precision=bf16"
     )
@@ -112,7 +112,7 @@ def run_contender(args: argparse.Namespace) -> dict:
         for result in replay_all(conversations, chat_engine, cfg.replay.mode, run_seed=0):
             replies += [result.messages[turn.message_index].content for turn in result.turns]
             generated += sum(turn.new_tokens for turn in result.turns)
-            turn_seconds += [turn.seconds for turn in result.turns]
+            turn_seconds += [(position, turn.seconds) for position, turn in enumerate(result.turns)]
         speculative = chat_engine.speculation.summary() if chat_engine.speculation else None
     seconds = time.perf_counter() - start
     return {
@@ -159,7 +159,7 @@ def report(results: dict[str, dict], bandwidth: float, args: argparse.Namespace)
     print(header + f"{'peak RSS':>9} {'same text':>10}  what")
     for name, result in results.items():
         speed = result["generated_tokens"] / result["seconds"]
-        ratio = speed / (baseline["generated_tokens"] / baseline["seconds"]) if baseline else float("nan")
+        ratio = f"{speed / (baseline['generated_tokens'] / baseline['seconds']):.2f}x" if baseline else "-"
         same = (
             f"{sum(a == b for a, b in zip(result['replies'], baseline['replies'], strict=True))}"
             f"/{len(baseline['replies'])}"
@@ -169,21 +169,25 @@ def report(results: dict[str, dict], bandwidth: float, args: argparse.Namespace)
         rss = result["peak_rss_bytes"] / 2**30
         print(
             f"{name:<10} {result['generated_tokens']:>7} {result['seconds']:>8.1f} {speed:>8.1f} "
-            f"{ratio:>7.2f}x {speed / roofline:>8.0%} {rss:>7.2f}G {same:>10}  {CONTENDERS[name]}"
+            f"{ratio:>8} {speed / roofline:>8.0%} {rss:>7.2f}G {same:>10}  {CONTENDERS[name]}"
         )
     if "batch1" in results and "lookup" in results:
         plain, lookup = results["batch1"]["turn_seconds"], results["lookup"]["turn_seconds"]
-        # Both replay the same turns in the same order at batch 1, so turns pair up.
-        speedups = sorted(a / b for a, b in zip(plain, lookup, strict=True))
         accepted = results["lookup"]["speculative"]
         print(
-            f"speculative (prompt lookup, {args.lookup_tokens} tokens) against batch 1 without: mean latency "
-            f"per turn {statistics.mean(lookup):.2f} s vs {statistics.mean(plain):.2f} s = "
-            f"{statistics.mean(plain) / statistics.mean(lookup):.2f}x; per-turn speed-up median "
-            f"{statistics.median(speedups):.2f}x, best {speedups[-1]:.2f}x; "
-            f"{accepted['acceptance_rate']:.0%} of drafted tokens accepted, "
+            f"speculative row: prompt lookup ({args.lookup_tokens} tokens) against batch 1 without, mean "
+            f"latency per turn; {accepted['acceptance_rate']:.0%} of drafted tokens accepted, "
             f"{accepted['tokens_per_forward_pass']:.2f} tokens per forward pass"
         )
+        # Both replay the same turns in the same order at batch 1, so turns pair up.
+        for position in sorted({position for position, _ in plain}):
+            before = [seconds for at, seconds in plain if at == position]
+            after = [seconds for at, seconds in lookup if at == position]
+            print(
+                f"  turn {position + 1}: {statistics.mean(after):.2f} s vs {statistics.mean(before):.2f} s = "
+                f"{statistics.mean(before) / statistics.mean(after):.2f}x over {len(after)} turns; "
+                f"best turn {max(b / a for a, b in zip(after, before, strict=True)):.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -33,9 +33,12 @@ from runner.outputs import (
 )
 from runner.plan import MemoryPlan
 from runner.replay import Turn, final_shape, replay_all, replies_to_generate
-from runner.schema import ArchitectureConfig, ModelSource, OnError, ReplayMode, RunConfig, config_record
+from runner.schema import ArchitectureConfig, EngineKind, ModelSource, OnError, RunConfig, config_record
 
 log = logging.getLogger(__name__)
+
+# How the memory plan's context per row was found, when the chat template measured it.
+MEASURED_CONTEXT = "the longest conversation + max_new_tokens per reply"
 
 
 class Interrupted(Exception):
@@ -59,12 +62,12 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         return _print_plan(cfg, run_dir, hardware, arguments.load, conversations)
     tokenizer = model.load_tokenizer(arguments.load)
     # The chat template sees every conversation once before any weights load.
-    conversations, refused = _check_template(conversations, tokenizer, cfg.replay.mode)
+    conversations, refused, context = _check_template(conversations, tokenizer, cfg)
     rejected += refused
     if rejected and cfg.input.on_error is OnError.fail:
         raise InputError([str(reject) for reject in rejected])
     architecture = model.architecture(cfg, arguments.load)
-    memory_plan = _check_memory(cfg, hardware, architecture, conversations, tokenizer)
+    memory_plan = _check_memory(cfg, hardware, architecture, conversations, context)
 
     paths = chat_paths(run_dir, files)
     run_manifest = manifest(config_record(cfg), files)
@@ -259,11 +262,11 @@ def _check_memory(
     hardware: model.Hardware,
     architecture: ArchitectureConfig,
     conversations: list[Conversation],
-    tokenizer: Any,
+    context: int,
 ) -> MemoryPlan:
     """The memory plan, before any weights load: refuse a run that cannot fit, shrink an auto batch
     that would not, and warn of CPU offload."""
-    if cfg.generation.speculation and cfg.engine.batch_size != 1:
+    if cfg.generation.speculation and cfg.engine.kind is EngineKind.batched and cfg.engine.batch_size != 1:
         log.warning(
             "speculative decoding (%s): transformers drafts for one sequence at a time, so this run "
             "uses batch size 1 (engine.batch_size=%s)",
@@ -271,11 +274,10 @@ def _check_memory(
             cfg.engine.batch_size,
         )
     rows = _batch_rows(cfg, hardware, conversations)
-    context, context_from = _longest_context(cfg, conversations, tokenizer)
-    plan = model.memory_plan(cfg, hardware, architecture, rows, context, context_from)
+    plan = model.memory_plan(cfg, hardware, architecture, rows, context, MEASURED_CONTEXT)
     if plan.fitting_batch is not None and cfg.engine.batch_size == "auto":
         log.info("engine.batch_size=auto: %d rows would not fit, using %d", rows, plan.fitting_batch)
-        plan = model.memory_plan(cfg, hardware, architecture, plan.fitting_batch, context, context_from)
+        plan = model.memory_plan(cfg, hardware, architecture, plan.fitting_batch, context, MEASURED_CONTEXT)
     for line in plan.lines():
         log.info("%s", line)
     if not plan.fits:
@@ -297,7 +299,12 @@ def _print_plan(
         tokenizer = model.load_tokenizer(load, local_files_only=cfg.model.source is ModelSource.hub)
     except RunnerError:
         tokenizer = None
-    context, context_from = _longest_context(cfg, conversations, tokenizer)
+    if tokenizer is not None:
+        conversations, _, context = _check_template(conversations, tokenizer, cfg)
+        context_from = MEASURED_CONTEXT
+    else:
+        context = max((_estimated_length(c, cfg) for c in conversations), default=0)
+        context_from = "estimated as characters / 3 + max_new_tokens per reply"
     rows = _batch_rows(cfg, hardware, conversations)
     plan = model.memory_plan(cfg, hardware, model.architecture(cfg, load), rows, context, context_from)
     print("\n".join(plan.lines()))
@@ -311,39 +318,34 @@ def _batch_rows(cfg: RunConfig, hardware: model.Hardware, conversations: list[Co
     return max(1, min(model.resolve_batch_size(cfg, hardware), streams))
 
 
-def _longest_context(cfg: RunConfig, conversations: list[Conversation], tokenizer: Any) -> tuple[int, str]:
-    """The longest sequence one conversation reaches: its final shape as the template renders it,
-    plus max_new_tokens for each reply to generate. Without a tokenizer, a character count / 3."""
-    fold = tokenizer is not None and not engine.template_supports_system_role(tokenizer)
-    longest = 0
-    for conversation in conversations:
-        messages = final_shape(conversation, cfg.replay.mode, fold=fold)
-        if tokenizer is not None:
-            tokens = engine.chat_tokens(tokenizer, messages)
-        else:
-            tokens = sum(len(message.content) // 3 + 8 for message in messages)
-        replies = replies_to_generate(conversation, cfg.replay.mode)
-        longest = max(longest, tokens + replies * cfg.generation.max_new_tokens)
-    how = "the longest conversation" if tokenizer is not None else "estimated as characters / 3"
-    return longest, f"{how} + max_new_tokens per reply"
+def _estimated_length(conversation: Conversation, cfg: RunConfig) -> int:
+    """A conversation's final length in tokens without a tokenizer: characters / 3 (English runs
+    near 4 a token), a few tokens of template per message, max_new_tokens per reply."""
+    messages = final_shape(conversation, cfg.replay.mode, fold=False)
+    replies = replies_to_generate(conversation, cfg.replay.mode)
+    return sum(len(m.content) // 3 + 8 for m in messages) + replies * cfg.generation.max_new_tokens
 
 
 def _check_template(
-    conversations: list[Conversation], tokenizer: Any, mode: ReplayMode
-) -> tuple[list[Conversation], list[Rejected]]:
-    """Render each conversation's final shape with the chat template; refusals become rejects."""
+    conversations: list[Conversation], tokenizer: Any, cfg: RunConfig
+) -> tuple[list[Conversation], list[Rejected], int]:
+    """Render each conversation's final shape with the chat template once: refusals become
+    rejects, and the longest rendering plus max_new_tokens per reply to generate is the context
+    the memory plan reserves per row."""
     fold = not engine.template_supports_system_role(tokenizer)
-    accepted, refused = [], []
+    accepted, refused, longest = [], [], 0
     for conversation in conversations:
-        problem = engine.template_error(tokenizer, final_shape(conversation, mode, fold=fold))
-        if problem is None:
+        tokens = engine.template_tokens(tokenizer, final_shape(conversation, cfg.replay.mode, fold=fold))
+        if isinstance(tokens, int):
             accepted.append(conversation)
+            replies = replies_to_generate(conversation, cfg.replay.mode)
+            longest = max(longest, tokens + replies * cfg.generation.max_new_tokens)
             continue
-        message = f"the model's chat template refuses this conversation: {problem}"
+        message = f"the model's chat template refuses this conversation: {tokens}"
         refused.append(
             Rejected(conversation.source, conversation.line, conversation.id, "template_error", message, b"")
         )
-    return accepted, refused
+    return accepted, refused, longest
 
 
 def _roofline(

@@ -114,19 +114,14 @@ def template_supports_system_role(tokenizer: Any) -> bool:
     return _SENTINEL in rendered
 
 
-def template_error(tokenizer: Any, messages: Sequence[Message]) -> str | None:
-    """What the chat template says when it refuses these messages (None if it renders them)."""
+def template_tokens(tokenizer: Any, messages: Sequence[Message]) -> int | str:
+    """How many tokens the chat template renders these messages into, or, when the template
+    refuses them, its error message."""
     try:
-        tokenizer.apply_chat_template([m.as_dict() for m in messages], tokenize=False)
+        rendered = tokenizer.apply_chat_template([m.as_dict() for m in messages], return_dict=True)
     except TemplateError as error:
         return str(error)
-    return None
-
-
-def chat_tokens(tokenizer: Any, messages: Sequence[Message]) -> int:
-    """How many tokens the chat template renders these messages into."""
-    chat = [message.as_dict() for message in messages]
-    return len(tokenizer.apply_chat_template(chat, return_dict=True)["input_ids"])
+    return len(rendered["input_ids"])
 
 
 def stop_token_ids(generation_config: Any) -> frozenset[int]:
@@ -239,7 +234,8 @@ class PipelineEngine(_ChatEngine):
         return [self._generate_one(request) for request in requests]
 
     def _generate_one(self, request: Request) -> Reply | TurnError:
-        overflow = self.overflow(len(self.prompt_ids(request.messages)))
+        prompt_tokens = len(self.prompt_ids(request.messages))
+        overflow = self.overflow(prompt_tokens)
         if overflow is not None:
             return overflow
         if self.generate_arguments["do_sample"]:
@@ -247,7 +243,7 @@ class PipelineEngine(_ChatEngine):
         chat = [message.as_dict() for message in request.messages]
         timer = FirstTokenTimer()
         start = time.perf_counter()
-        with self.measure_speculation(len(self.prompt_ids(request.messages))) as finish:
+        with self.measure_speculation(prompt_tokens) as finish:
             [record] = self.pipe(
                 chat,
                 return_full_text=False,

@@ -180,13 +180,13 @@ def make_plan(
             advice = f"engine.batch_size={batch} fits"
         elif fitting:
             advice = f"{fitting[0][1]} needs ~{gb(fitting[0][0])} for weights and fits"
-        elif candidates:
-            advice = (
-                f"nothing fits here: even {candidates[-1][1]} needs ~{gb(candidates[-1][0])} for weights; "
-                "use a device with more memory, more GPUs (device=auto), or a smaller model"
-            )
         else:
-            advice = "use a device with more memory, more GPUs (device=auto), or a smaller model"
+            smallest = min(candidates, default=None)
+            advice = (
+                f"nothing fits here: even {smallest[1]} needs ~{gb(smallest[0])} for weights; "
+                if smallest is not None and smallest[0] < weights
+                else "no smaller precision or quantization is left; "
+            ) + "use a device with more memory, more GPUs (device=auto), or a smaller model"
     return MemoryPlan(
         model=model,
         dtype=dtype,
