@@ -107,6 +107,7 @@ class MemoryPlan:
 
 
 def usable(devices: dict[str, int]) -> int:
+    """What weights and KV cache may take of these devices' free memory."""
     return round(USABLE_FRACTION * sum(devices.values()))
 
 
@@ -134,16 +135,9 @@ def make_plan(
         offload_bytes: CPU bytes that device_map="auto" may spill into (0 where it cannot).
         alternatives: other choices to advise, "precision=bf16 quant=int4" -> (dtype bytes, quant).
     """
-    per_token = kv_bytes_per_token(arch, dtype_bytes)
-    context = min(context_tokens, arch.context_length)
-
-    def cache_need(rows: int, bytes_per_token: int) -> tuple[int, int]:
-        """KV of the rows in flight, and what the engine keeps of up to 4 x rows waiting turns."""
-        in_flight = rows * context * bytes_per_token
-        return in_flight, min(cache_bytes, 4 * in_flight)
-
+    need = _Need(arch, min(context_tokens, arch.context_length), cache_bytes)
     weights = weights_bytes(arch, dtype_bytes, quant)
-    kv, kept = cache_need(batch_rows, per_token)
+    kv, kept = need.cache(batch_rows, dtype_bytes)
     total = weights + kv + kept
     room = usable(devices)
     if total <= room:
@@ -154,47 +148,15 @@ def make_plan(
         verdict = "does_not_fit"
     advice, batch = None, None
     if verdict != "fits":
-        # The cheapest change that fits: a smaller batch, else the least compressed precision/quant.
-        batch = next(
-            (
-                rows
-                for rows in range(batch_rows - 1, 0, -1)
-                if weights + sum(cache_need(rows, per_token)) <= room
-            ),
-            None,
-        )
-        candidates = sorted(
-            (
-                (weights_bytes(arch, other_bytes, other_quant), name, other_bytes)
-                for name, (other_bytes, other_quant) in alternatives.items()
-            ),
-            reverse=True,
-        )
-        fitting = [
-            (w, f"{name}{'' if rows == batch_rows else f' engine.batch_size={rows}'}")
-            for rows in dict.fromkeys([batch_rows, 1])
-            for w, name, other_bytes in candidates
-            if w + sum(cache_need(rows, kv_bytes_per_token(arch, other_bytes))) <= room
-        ]
-        if batch is not None:
-            advice = f"engine.batch_size={batch} fits"
-        elif fitting:
-            advice = f"{fitting[0][1]} needs ~{gb(fitting[0][0])} for weights and fits"
-        else:
-            smallest = min(candidates, default=None)
-            advice = (
-                f"nothing fits here: even {smallest[1]} needs ~{gb(smallest[0])} for weights; "
-                if smallest is not None and smallest[0] < weights
-                else "no smaller precision or quantization is left; "
-            ) + "use a device with more memory, more GPUs (device=auto), or a smaller model"
+        advice, batch = _advice(need, room, weights, dtype_bytes, batch_rows, alternatives)
     return MemoryPlan(
         model=model,
         dtype=dtype,
         quant=quant.method.value,
         weights_bytes=weights,
-        kv_bytes_per_token=per_token,
+        kv_bytes_per_token=kv_bytes_per_token(arch, dtype_bytes),
         batch_rows=batch_rows,
-        context_tokens=context,
+        context_tokens=need.context,
         context_from=context_from,
         kv_bytes=kv,
         kept_cache_bytes=kept,
@@ -205,3 +167,58 @@ def make_plan(
         advice=advice,
         fitting_batch=batch,
     )
+
+
+@dataclass(frozen=True)
+class _Need:
+    """KV-cache bytes of a batch: the rows in flight at full context, and what the batched engine
+    keeps of up to 4 x rows waiting conversations (the scheduler's window), at most cache_bytes."""
+
+    arch: ArchitectureConfig
+    context: int
+    cache_bytes: int
+
+    def cache(self, rows: int, dtype_bytes: int) -> tuple[int, int]:
+        in_flight = rows * self.context * kv_bytes_per_token(self.arch, dtype_bytes)
+        return in_flight, min(self.cache_bytes, 4 * in_flight)
+
+
+def _advice(
+    need: _Need,
+    room: int,
+    weights: int,
+    dtype_bytes: int,
+    batch_rows: int,
+    alternatives: dict[str, tuple[int, QuantConfig]],
+) -> tuple[str, int | None]:
+    """The cheapest change that fits, and the batch size if that is it: a smaller batch, else the
+    least compressed precision/quantization (at this batch, else at batch 1)."""
+    batch = next(
+        (
+            rows
+            for rows in range(batch_rows - 1, 0, -1)
+            if weights + sum(need.cache(rows, dtype_bytes)) <= room
+        ),
+        None,
+    )
+    if batch is not None:
+        return f"engine.batch_size={batch} fits", batch
+    candidates = sorted(
+        (
+            (weights_bytes(need.arch, other_bytes, other_quant), name, other_bytes)
+            for name, (other_bytes, other_quant) in alternatives.items()
+        ),
+        reverse=True,
+    )
+    for rows in dict.fromkeys([batch_rows, 1]):
+        for other_weights, name, other_bytes in candidates:
+            if other_weights + sum(need.cache(rows, other_bytes)) <= room:
+                smaller = "" if rows == batch_rows else f" engine.batch_size={rows}"
+                return f"{name}{smaller} needs ~{gb(other_weights)} for weights and fits", None
+    smallest = min(candidates, default=None)
+    start = (
+        f"nothing fits here: even {smallest[1]} needs ~{gb(smallest[0])} for weights; "
+        if smallest is not None and smallest[0] < weights
+        else "no smaller precision or quantization is left; "
+    )
+    return start + "use a device with more memory, more GPUs (device=auto), or a smaller model", None
