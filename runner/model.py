@@ -254,7 +254,19 @@ def memory_plan(
 def prepare(cfg: RunConfig) -> tuple[Hardware, TransformersArguments]:
     """Detect the hardware, convert an embedded model once if needed, and translate the config."""
     hardware = detect_hardware()
+    if cfg.plan_gpus:
+        hardware = planned_gpus(cfg.plan_gpus)
     return hardware, transformers_arguments(cfg, hardware, _embedded_dir(cfg))
+
+
+def planned_gpus(sizes: list[str]) -> Hardware:
+    """Hardware of GPUs of these sizes (bf16-capable, no CPU offload): what plan_gpus plans for,
+    from a machine that has none of them, such as a cluster's login node."""
+    try:
+        free = tuple(convert_file_size_to_int(size) for size in sizes)
+    except ValueError as error:
+        raise ConfigError(f"plan_gpus: {error} (sizes look like 80GB or 40GiB)") from None
+    return Hardware(cuda_devices=len(free), cuda_bf16=True, cuda_free=free)
 
 
 def _embedded_dir(cfg: RunConfig) -> Path | None:

@@ -264,6 +264,13 @@ class RunConfig:
     cache_dir: str = MISSING
     resume: bool = False
     plan: bool = False  # print the memory plan and exit, loading no weights
+    plan_gpus: list[str] = field(
+        default_factory=list
+    )  # plan for these GPUs ("80GB") instead of this machine's
+
+    def __post_init__(self) -> None:
+        if self.plan_gpus and not self.plan:
+            raise ConfigError("plan_gpus describes GPUs to plan for, without using them: add plan=true")
 
 
 GROUP_SCHEMAS = {
@@ -313,7 +320,7 @@ def refuse_secrets(arguments: list[str]) -> None:
 def config_record(cfg: RunConfig) -> dict[str, Any]:
     """The run config as plain JSON data (what resume compares; `resume` itself left out)."""
     record = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
-    del record["resume"], record["plan"]
+    del record["resume"], record["plan"], record["plan_gpus"]
     return record
 
 

@@ -81,6 +81,7 @@ def test_default_config(compose_config):
         "cache_dir": "${oc.env:CHAT_RUNNER_CACHE,'~/.cache/chat-runner'}",
         "resume": False,
         "plan": False,
+        "plan_gpus": [],
     }
 
 
@@ -278,6 +279,7 @@ def test_unknown_keys_and_wrong_types_fail_at_compose_time(compose_config, overr
         (["shard.index=4", "shard.count=4"], r"shard.index must be in \[0, shard.count\)"),
         (["shard.count=0"], r"shard.index must be in \[0, shard.count\)"),
         (["generation.prompt_lookup_num_tokens=-1"], "prompt_lookup_num_tokens must be >= 0"),
+        (["plan_gpus=[80GB]"], "add plan=true"),
         (
             ["generation.prompt_lookup_num_tokens=4", "generation.assistant_model=smollm2_135m"],
             "two ways to draft tokens: set one of them",

@@ -124,6 +124,19 @@ def test_plan_true_prints_the_plan_and_loads_nothing(tmp_path):
 
 
 @pytest.mark.slow
+def test_plan_gpus_plans_for_gpus_this_machine_does_not_have(tmp_path):
+    one = run_cli(
+        "model=llama3_70b", "device=cuda", "plan=true", "plan_gpus=[80GB]", f"hydra.run.dir={tmp_path / '1'}"
+    )
+    assert one.returncode == 0, one.stderr
+    assert "in bf16:" in one.stdout and "(90% of cuda:0 80.0 GB free)" in one.stdout
+    assert "verdict: does not fit; quant=int4 needs" in one.stdout
+    two = run_cli("model=llama3_70b", "plan=true", "plan_gpus=[80GB,80GB]", f"hydra.run.dir={tmp_path / '2'}")
+    assert two.returncode == 0, two.stderr
+    assert "cuda:0 80.0 GB free, cuda:1 80.0 GB free" in two.stdout and "verdict: fits" in two.stdout
+
+
+@pytest.mark.slow
 def test_a_run_that_cannot_fit_is_refused_before_loading_and_the_advice_works(write_jsonl, tmp_path):
     source = write_jsonl([{"id": 1, "messages": [{"role": "user", "content": "Hi!"}]}])
     cap = "+device.max_memory={cpu:400MiB}"  # less than the fp32 weights with their KV caches
