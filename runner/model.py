@@ -23,7 +23,7 @@ from accelerate.utils import convert_file_size_to_int
 from transformers import BitsAndBytesConfig
 
 from runner.errors import ConfigError, ModelLoadError
-from runner.plan import MemoryPlan, make_plan
+from runner.plan import MemoryPlan, kv_bytes_per_token, make_plan, weights_bytes
 from runner.schema import (
     ArchitectureConfig,
     DeviceKind,
@@ -235,6 +235,12 @@ def memory_plan(
             alternatives[name] = (other.itemsize, dataclasses.replace(cfg.quant, method=method))
     devices, offload = plan_devices(cfg, hardware)
     batched = cfg.engine.kind is EngineKind.batched and not cfg.generation.speculation
+    draft_bytes = 0
+    if cfg.generation.assistant_model:  # its weights, and its own KV cache for the one row
+        draft_cfg, load = _draft(cfg, hardware)
+        draft = architecture(draft_cfg, load)
+        draft_bytes = weights_bytes(draft, dtype.itemsize, draft_cfg.quant)
+        draft_bytes += min(context_tokens, draft.context_length) * kv_bytes_per_token(draft, dtype.itemsize)
     return make_plan(
         model=cfg.model.name,
         arch=arch,
@@ -248,6 +254,7 @@ def memory_plan(
         devices=devices,
         offload_bytes=offload,
         alternatives=alternatives,
+        draft_bytes=draft_bytes,
     )
 
 
@@ -275,14 +282,22 @@ def _embedded_dir(cfg: RunConfig) -> Path | None:
     return embedded_checkpoint(cfg.model.package, Path(cfg.cache_dir).expanduser())
 
 
+def _draft(cfg: RunConfig, hardware: Hardware) -> tuple[RunConfig, dict[str, Any]]:
+    """The draft model's run config and load arguments: the main model's device and dtype, never
+    quantized (a draft is small)."""
+    draft_cfg = dataclasses.replace(
+        cfg, model=model_preset(cfg.generation.assistant_model), quant=QuantConfig(method=QuantMethod.none)
+    )
+    return draft_cfg, transformers_arguments(draft_cfg, hardware, _embedded_dir(draft_cfg)).load
+
+
 def load_assistant(cfg: RunConfig, hardware: Hardware, tokenizer: Any) -> Any:
     """The draft model that generation.assistant_model names, on the main model's device and dtype
     (never quantized: a draft is small), refused unless it shares the main model's vocabulary."""
     from transformers import AutoModelForCausalLM
 
     name = cfg.generation.assistant_model
-    draft_cfg = dataclasses.replace(cfg, model=model_preset(name), quant=QuantConfig(method=QuantMethod.none))
-    load = transformers_arguments(draft_cfg, hardware, _embedded_dir(draft_cfg)).load
+    _, load = _draft(cfg, hardware)
     if load_tokenizer(load).get_vocab() != tokenizer.get_vocab():
         raise ConfigError(
             f"generation.assistant_model={name} does not share {cfg.model.name}'s tokenizer: a draft "

@@ -52,6 +52,7 @@ class MemoryPlan:
     context_from: str  # how context_tokens was found
     kv_bytes: int  # batch_rows x context_tokens tokens of KV cache
     kept_cache_bytes: int  # KV caches the batched engine keeps between turns
+    draft_bytes: int  # generation.assistant_model's weights and KV cache
     total_bytes: int
     devices: dict[str, int]  # device -> free bytes the model may use
     offload_bytes: int  # CPU memory device_map="auto" may spill layers into
@@ -78,6 +79,8 @@ class MemoryPlan:
         ]
         if self.kept_cache_bytes:
             lines.append(f"  kept KV caches  {gb(self.kept_cache_bytes):>10}  (engine.cache_mb)")
+        if self.draft_bytes:
+            lines.append(f"  draft model     {gb(self.draft_bytes):>10}  (generation.assistant_model)")
         lines += [
             f"  total           {gb(self.total_bytes):>10}",
             f"  available       {gb(usable(self.devices)):>10}  ({USABLE_FRACTION:.0%} of {devices})",
@@ -97,12 +100,13 @@ class MemoryPlan:
 
     def refusal(self) -> str:
         """The one-line error of a run whose plan does not fit."""
-        devices = " + ".join(self.devices)
+        quant = "" if self.quant == "none" else f" {self.quant}"
+        cache = self.total_bytes - self.weights_bytes - self.draft_bytes
+        draft = f" and {gb(self.draft_bytes)} for the draft model" if self.draft_bytes else ""
         return (
-            f"{self.model} in {self.dtype}{'' if self.quant == 'none' else ' ' + self.quant} needs "
-            f"~{gb(self.weights_bytes)} for weights and {gb(self.total_bytes - self.weights_bytes)} for "
-            f"the KV cache; {devices} has {gb(usable(self.devices))} usable: {self.advice} "
-            "(python -m runner ... plan=true shows the plan)"
+            f"{self.model} in {self.dtype}{quant} needs ~{gb(self.weights_bytes)} for weights and "
+            f"{gb(cache)} for the KV cache{draft}; {' + '.join(self.devices)} has "
+            f"{gb(usable(self.devices))} usable: {self.advice} (plan=true shows the whole plan)"
         )
 
 
@@ -125,6 +129,7 @@ def make_plan(
     devices: dict[str, int],
     offload_bytes: int,
     alternatives: dict[str, tuple[int, QuantConfig]],
+    draft_bytes: int = 0,
 ) -> MemoryPlan:
     """Weigh one run against its devices.
 
@@ -134,11 +139,12 @@ def make_plan(
         devices: free bytes of each device the model loads onto.
         offload_bytes: CPU bytes that device_map="auto" may spill into (0 where it cannot).
         alternatives: other choices to advise, "precision=bf16 quant=int4" -> (dtype bytes, quant).
+        draft_bytes: what a draft model for speculative decoding takes beside the model.
     """
     need = _Need(arch, min(context_tokens, arch.context_length), cache_bytes)
     weights = weights_bytes(arch, dtype_bytes, quant)
     kv, kept = need.cache(batch_rows, dtype_bytes)
-    total = weights + kv + kept
+    total = weights + kv + kept + draft_bytes
     room = usable(devices)
     if total <= room:
         verdict = "fits"
@@ -148,7 +154,7 @@ def make_plan(
         verdict = "does_not_fit"
     advice, batch = None, None
     if verdict != "fits":
-        advice, batch = _advice(need, room, weights, dtype_bytes, batch_rows, alternatives)
+        advice, batch = _advice(need, room - draft_bytes, weights, dtype_bytes, batch_rows, alternatives)
     return MemoryPlan(
         model=model,
         dtype=dtype,
@@ -160,6 +166,7 @@ def make_plan(
         context_from=context_from,
         kv_bytes=kv,
         kept_cache_bytes=kept,
+        draft_bytes=draft_bytes,
         total_bytes=total,
         devices=devices,
         offload_bytes=offload_bytes,

@@ -112,6 +112,20 @@ def test_embedded_architecture_is_read_from_its_config_and_matches_the_loaded_mo
 
 
 @pytest.mark.slow
+def test_a_draft_model_is_planned_beside_the_model(compose_config, embedded_dir):
+    drafted = plan_for(
+        compose_config, H100, "model=llama3_8b", "generation.assistant_model=smollm2_135m", rows=1
+    )
+    plain = plan_for(compose_config, H100, "model=llama3_8b", "engine.cache_mb=0", rows=1)
+    draft_params = architecture(
+        to_run_config(compose_config()), {"model": str(embedded_dir), "trust_remote_code": False}
+    ).params
+    assert drafted.draft_bytes > 2 * draft_params  # bf16 weights, plus its KV cache
+    assert drafted.total_bytes == plain.total_bytes + drafted.draft_bytes  # no kept caches at batch 1
+    assert any(line.strip().startswith("draft model") for line in drafted.lines())
+
+
+@pytest.mark.slow
 def test_plan_true_prints_the_plan_and_loads_nothing(tmp_path):
     done = run_cli("model=llama3_70b", "plan=true", f"hydra.run.dir={tmp_path}")
     assert done.returncode == 0, done.stderr
