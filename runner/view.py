@@ -144,7 +144,7 @@ def _summary(job_dir: Path) -> dict[str, Any] | None:
     speculative = summary.get("speculative")
     return {
         "model": summary["model"]["name"],
-        "precision": summary["precision"],
+        "precision": f"{summary['precision']} ({summary['loaded']['dtype']})",
         "quant": summary["quant"],
         "device": summary["device"],
         "engine": summary["engine"],
