@@ -199,7 +199,10 @@ def architecture(cfg: RunConfig, load: dict[str, Any]) -> ArchitectureConfig:
 def plan_devices(cfg: RunConfig, hardware: Hardware) -> tuple[dict[str, int], int]:
     """Free bytes of each device the model would load onto, and the CPU bytes device_map="auto"
     may offload layers into; device.max_memory caps both."""
-    caps = {str(key): convert_file_size_to_int(value) for key, value in cfg.device.max_memory.items()}
+    try:
+        caps = {str(key): convert_file_size_to_int(value) for key, value in cfg.device.max_memory.items()}
+    except ValueError as error:
+        raise ConfigError(f"device.max_memory: {error}") from None
     gpus = {
         f"cuda:{index}": min(free, caps.get(str(index), free))
         for index, free in enumerate(hardware.cuda_free)

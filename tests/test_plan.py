@@ -9,6 +9,7 @@ import re
 import pytest
 from test_cli import run_cli
 
+from runner.errors import ConfigError
 from runner.model import Hardware, architecture, memory_plan
 from runner.plan import kv_bytes_per_token, weights_bytes
 from runner.schema import QuantConfig, QuantMethod, to_run_config
@@ -48,6 +49,8 @@ def test_device_auto_counts_every_gpu_and_offloads_only_as_a_last_resort(compose
         compose_config, TWO_H100, "model=llama3_70b", "device=cuda", "+device.max_memory={0:40GB,1:40GB}"
     )
     assert capped.devices == {"cuda:0": 40 * GB, "cuda:1": 40 * GB} and capped.verdict == "does_not_fit"
+    with pytest.raises(ConfigError, match=r"device\.max_memory: `size` plenty is not in a valid format"):
+        plan_for(compose_config, TWO_H100, "model=llama3_70b", "+device.max_memory={0:plenty}")
 
 
 def test_a_batch_that_does_not_fit_gets_the_largest_that_does(compose_config):
