@@ -41,29 +41,29 @@ class _Strings:
 
 def build(directory: Path) -> Path:
     """Write `directory`/index.html for a run dir or a sweep dir; return its path."""
-    if (directory / "chats").is_dir() or (directory / "summary.json").exists():
-        kind, job_dirs = "run", [directory]
-    else:
-        job_dirs = [directory / row["job"] for row in job_rows(directory)] if directory.is_dir() else []
-        kind = "sweep"
-    if not job_dirs:
-        raise RunnerError(
-            f"{directory} is neither a run dir (chats/, summary.json) nor a sweep dir (job dirs)"
-        )
-    data = collect(directory, kind, job_dirs)
+    rows = None  # a run dir; a sweep dir has its report rows, one per job dir
+    if not ((directory / "chats").is_dir() or (directory / "summary.json").exists()):
+        rows = job_rows(directory) if directory.is_dir() else []
+        if not rows:
+            raise RunnerError(
+                f"{directory} is neither a run dir (chats/, summary.json) nor a sweep dir (job dirs)"
+            )
+    data = collect(directory, rows)
     page = directory / "index.html"
     page.write_text(render(data), encoding="utf-8")
     return page
 
 
-def collect(directory: Path, kind: str, job_dirs: list[Path]) -> dict[str, Any]:
-    """The page's data: jobs, conversations matched across jobs by (file, id, sample), strings."""
+def collect(directory: Path, rows: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The page's data: jobs, conversations matched across jobs by (file, id, sample), strings.
+
+    `rows` are a sweep's report rows (one per job dir); None for a single run dir.
+    """
     strings = _Strings()
-    rows = {row["job"]: row for row in job_rows(directory)} if kind == "sweep" else {}
-    labels = _labels([rows.get(job_dir.name, {}).get("overrides", "").split() for job_dir in job_dirs])
+    job_dirs = [directory] if rows is None else [directory / row["job"] for row in rows]
+    labels = _labels([row["overrides"].split() for row in rows] if rows else [[]])
     jobs, conversations, keys = [], [], {}
-    for number, job_dir in enumerate(job_dirs):
-        row = rows.get(job_dir.name, {})
+    for number, (job_dir, row) in enumerate(zip(job_dirs, rows or [{}], strict=True)):
         jobs.append(
             {
                 "dir": job_dir.name,
@@ -87,17 +87,17 @@ def collect(directory: Path, kind: str, job_dirs: list[Path]) -> dict[str, Any]:
         conversation["tokens"] = sum(turn[2] for turn in cells[0]["t"])
         conversation["errors"] = sum(cell["e"] is not None for cell in cells)
     report = None
-    if kind == "sweep":
+    if rows is not None:
         chart = directory / "report.png"
         report = {
             "columns": [column for column in COLUMNS if column != "job"],
-            "rows": list(rows.values()),
+            "rows": rows,
             "chart": "data:image/png;base64," + base64.b64encode(chart.read_bytes()).decode()
             if chart.exists()
             else None,
         }
     return {
-        "kind": kind,
+        "kind": "run" if rows is None else "sweep",
         "name": str(directory),
         "jobs": jobs,
         "conversations": conversations,
