@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import inspect
 import logging
 import time
 import warnings
@@ -312,6 +313,11 @@ class BatchedEngine(_ChatEngine):
         self.cache_supported = self.speculation is None and all(
             type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers
         )
+        # transformers 5.24 renamed the cache argument and output field from past_key_values to
+        # cache (the old name goes in 5.40): use whichever this version's model takes.
+        self._cache_argument = (
+            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        )
 
     def generate(self, requests: Sequence[Request]) -> list[Reply | TurnError]:
         outcomes: list[Reply | TurnError | None] = [None] * len(requests)
@@ -381,7 +387,7 @@ class BatchedEngine(_ChatEngine):
             output = self.model.generate(
                 input_ids=layout.input_ids,
                 attention_mask=layout.attention_mask,
-                past_key_values=layout.past,
+                **{self._cache_argument: layout.past},
                 logits_processor=LogitsProcessorList([timer]),
                 return_dict_in_generate=True,
                 **self.generate_arguments,
@@ -395,11 +401,12 @@ class BatchedEngine(_ChatEngine):
         ]
         if self.cache_supported and self.cache_bytes > 0:
             # The last sampled token was never fed back, so it has no KV entry.
-            fed = output.past_key_values.get_seq_length() - layout.cache_width - layout.width
+            cache = getattr(output, self._cache_argument)
+            fed = cache.get_seq_length() - layout.cache_width - layout.width
             for position, (row, reply) in enumerate(zip(rows, replies, strict=True)):
                 if row.request.continues:
                     kept = new[position][: min(reply.new_tokens, fed)]
-                    self._keep(row.request.stream, layout.prefix(position, output.past_key_values, kept))
+                    self._keep(row.request.stream, layout.prefix(position, cache, kept))
         return replies
 
     def _prefill(self, rows: list[_Row]) -> None:
@@ -431,14 +438,16 @@ class BatchedEngine(_ChatEngine):
                 input_ids=layout.input_ids[:, layout.cache_width :],
                 attention_mask=layout.attention_mask,
                 position_ids=position_ids,
-                past_key_values=layout.past
-                if layout.past is not None
-                else DynamicCache(config=self.model.config),
+                **{
+                    self._cache_argument: layout.past
+                    if layout.past is not None
+                    else DynamicCache(config=self.model.config)
+                },
                 use_cache=True,
                 logits_to_keep=1,
             )
         for position, row in enumerate(group):
-            row.prefix = layout.prefix(position, output.past_key_values, [])
+            row.prefix = layout.prefix(position, getattr(output, self._cache_argument), [])
 
     def _layout(self, rows: list[_Row], ends: list[int]) -> _Layout:
         """Rows as [pad | cached prefix | pad | ids[cached:end]], with the prefixes' cache stacked."""
