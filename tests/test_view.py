@@ -3,7 +3,6 @@ and a 10,000-conversation run."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -130,9 +129,11 @@ def test_a_sweep_page_puts_jobs_side_by_side_and_highlights_differences(sweep, t
     shutil.copytree(sweep, changed)
     job = next(path for path in changed.iterdir() if path.name.startswith("1_"))
     chats = job / "chats" / "chats.jsonl"
-    records = read_jsonl(chats)
-    edited = copy.deepcopy(records)
-    edited[1]["messages"][3]["content"] = "A reply that no other job wrote."
+    baseline = read_jsonl(next(changed.glob("0_*")) / "chats" / "chats.jsonl")
+    edited = read_jsonl(chats)
+    # The second conversation's first reply as the baseline's, its last one with two words added.
+    edited[1]["messages"][1]["content"] = baseline[1]["messages"][1]["content"]
+    edited[1]["messages"][3]["content"] = baseline[1]["messages"][3]["content"] + " Arr, matey!"
     chats.write_text("".join(json.dumps(r) + "\n" for r in edited), encoding="utf-8")
     page = view(changed)
 
@@ -142,11 +143,10 @@ def test_a_sweep_page_puts_jobs_side_by_side_and_highlights_differences(sweep, t
     assert count(dom, "column") == 2 and count(dom, "differs") == 0
     assert len(re.findall(r"<tr>", dom)) == 3  # the report table: a header and a row per job
     assert 'class="chart" src="data:image/png;base64,' in dom
+    assert "<mark" not in dom
     highlighted = chromium(page, "#c=1&base=0&diff=1", tmp_path, "--dump-dom")
-    baseline = read_jsonl(next(changed.glob("0_*")) / "chats" / "chats.jsonl")
-    # The edited reply differs; the first reply differs only if int8 changed it.
-    assert count(highlighted, "differs") == 1 + (records[1]["messages"][1] != baseline[1]["messages"][1])
-    assert "A reply that no other job wrote." in highlighted
+    assert count(highlighted, "differs") == 1  # the edited reply, and only it
+    assert re.findall(r'<mark class="changed">([^<]*)</mark>', highlighted) == ["Arr,", "matey!"]
     screenshot = tmp_path / "sweep.png"
     chromium(page, "#c=1&base=0&diff=1", tmp_path, f"--screenshot={screenshot}", "--window-size=1400,900")
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 20_000
