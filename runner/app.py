@@ -9,13 +9,19 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from runner import engine, model
+from runner import hardware as hardware_info
+from runner import memory, model
+from runner.arguments import resolve_batch_size
 from runner.conversations import Conversation, Rejected, read_conversations, resolve_input_files
+from runner.engines import EngineSetup, build_engine
+from runner.engines.chat import template_supports_system_role, template_tokens
+from runner.engines.protocol import Engine
 from runner.errors import InputError, RunnerError
 from runner.outputs import (
     MANIFEST,
@@ -45,55 +51,40 @@ class Interrupted(Exception):
     """SIGTERM arrived (SIGINT arrives as KeyboardInterrupt)."""
 
 
+@dataclass
+class Replayed:
+    """What the replay step produced: per record its turns and error code (kept ones first)."""
+
+    records: list[tuple[tuple[Turn, ...], str | None]]
+    kept: int
+    seconds: float
+    status: str = "completed"
+    stop: BaseException | None = None
+
+    @property
+    def new_turns(self) -> list[Turn]:
+        return [turn for turns, _ in self.records[self.kept :] for turn in turns]
+
+
 def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     """Replay every input conversation through the configured model into `run_dir`."""
     started = time.perf_counter()
-    files = resolve_input_files(cfg.input.path)
-    conversations, rejected = read_conversations(files, cfg.input.format, cfg.input.max_line_bytes)
-    if rejected and cfg.input.on_error is OnError.fail:  # before touching the model at all
-        raise InputError([str(reject) for reject in rejected])
-    if cfg.shard.count > 1:
-        conversations = conversations[cfg.shard.index :: cfg.shard.count]
-        log.info("shard %d of %d: %d conversation(s)", cfg.shard.index, cfg.shard.count, len(conversations))
-
+    files, conversations, rejected = _read_input(cfg)
     load_start = time.perf_counter()
     hardware, arguments = model.prepare(cfg)
     if cfg.plan:
         return _print_plan(cfg, run_dir, hardware, arguments.load, conversations)
     tokenizer = model.load_tokenizer(arguments.load)
-    # The chat template sees every conversation once before any weights load.
     conversations, refused, context = _check_template(conversations, tokenizer, cfg)
     rejected += refused
     if rejected and cfg.input.on_error is OnError.fail:
         raise InputError([str(reject) for reject in rejected])
-    architecture = model.architecture(cfg, arguments.load)
+    architecture = memory.architecture(cfg, arguments.load)
     memory_plan = _check_memory(cfg, hardware, architecture, conversations, context)
+    paths, kept = _open_run_dir(cfg, run_dir, files, rejected)
+    _log_workload(cfg, conversations, files, kept)
 
-    paths = chat_paths(run_dir, files)
-    run_manifest = manifest(config_record(cfg), files)
-    kept = _previous_records(cfg, run_dir, paths, run_manifest)
-    write_json_atomically(run_dir / MANIFEST, run_manifest)
-    if rejected:
-        write_jsonl_atomically(run_dir / REJECTED, [reject.as_dict() for reject in rejected])
-        log.warning("%d bad line(s) skipped, listed in %s", len(rejected), run_dir / REJECTED)
-    done = {(str(record["id"]), record["replay"]["sample"]) for record in kept}
-    samples = cfg.generation.num_samples
-    planned = samples * sum(replies_to_generate(c, cfg.replay.mode) for c in conversations)
-    log.info(
-        "%d conversation(s) from %d file(s): %d replies to generate%s",
-        len(conversations),
-        len(files),
-        planned,
-        f"; resuming with {len(kept)} record(s) kept" if cfg.resume else "",
-    )
-
-    location = arguments.load["model"]
-    log.info("loading %s (%s)", cfg.model.name, location)
-    pipe = model.load_pipeline(arguments.load, engine.ChatReplayPipeline, tokenizer)
-    generate = arguments.generate
-    if cfg.generation.assistant_model:
-        generate = {**generate, "assistant_model": model.load_assistant(cfg, hardware, tokenizer)}
-    chat_engine = engine.create_engine(cfg, pipe, generate, memory_plan.batch_rows)
+    chat_engine = _build_engine(cfg, EngineSetup(hardware, arguments, tokenizer, memory_plan.batch_rows))
     load_seconds = time.perf_counter() - load_start
     loaded = chat_engine.describe()
     log.info("loaded in %.1f s: %s, %s", load_seconds, loaded["dtype"], loaded["device_map"])
@@ -105,13 +96,100 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         )
     configured_batch_size = chat_engine.batch_size
 
-    replay_start = time.perf_counter()
-    records = [_record_stats(record) for record in kept]  # aggregates only, not the texts
-    status, stop = "completed", None
+    replayed = _replay(cfg, chat_engine, conversations, paths, kept)
+    summary = _summary(cfg, run_dir, files, paths, conversations, rejected, replayed)
+    summary["model"]["location"] = arguments.load["model"]
+    summary.update(
+        loaded=loaded,
+        batch_size={"configured": configured_batch_size, "final": chat_engine.batch_size},
+        **_engine_counters(chat_engine),
+        chat_template_sha256=chat_engine.chat_template_sha256,
+        system_folded=not chat_engine.supports_system_role,
+        load_seconds=round(load_seconds, 3),
+        wall_seconds=round(time.perf_counter() - started, 3),
+        memory_plan=memory_plan.as_dict(),
+        roofline=_roofline(
+            replayed.new_turns,
+            loaded,
+            (architecture.active_params or architecture.params) / architecture.params,
+            hardware_info.memory_bandwidth(loaded["device"], Path(cfg.cache_dir).expanduser()),
+            summary["tokens_per_second"],
+        ),
+    )
+    write_json_atomically(run_dir / "summary.json", summary)
+    if replayed.stop is not None:
+        raise RunnerError(
+            f"interrupted ({type(replayed.stop).__name__}): {len(replayed.records)} record(s) complete in "
+            f"{run_dir}; continue with the same command plus hydra.run.dir={run_dir} resume=true"
+        )
+    _log_done(summary, replayed, run_dir)
+    return summary
+
+
+def _read_input(cfg: RunConfig) -> tuple[list[Path], list[Conversation], list[Rejected]]:
+    """Every input file read and validated (this shard's conversations), before the model is touched."""
+    files = resolve_input_files(cfg.input.path)
+    conversations, rejected = read_conversations(files, cfg.input.format, cfg.input.max_line_bytes)
+    if rejected and cfg.input.on_error is OnError.fail:
+        raise InputError([str(reject) for reject in rejected])
+    if cfg.shard.count > 1:
+        conversations = conversations[cfg.shard.index :: cfg.shard.count]
+        log.info("shard %d of %d: %d conversation(s)", cfg.shard.index, cfg.shard.count, len(conversations))
+    return files, conversations, rejected
+
+
+def _open_run_dir(
+    cfg: RunConfig, run_dir: Path, files: list[Path], rejected: list[Rejected]
+) -> tuple[dict[Path, Path], list[dict[str, Any]]]:
+    """The chat file of each input file, what an earlier session of this run left (on resume), the
+    manifest, and the rejected lines."""
+    paths = chat_paths(run_dir, files)
+    run_manifest = manifest(config_record(cfg), files)
+    kept = _previous_records(cfg, run_dir, paths, run_manifest)
+    write_json_atomically(run_dir / MANIFEST, run_manifest)
+    if rejected:
+        write_jsonl_atomically(run_dir / REJECTED, [reject.as_dict() for reject in rejected])
+        log.warning("%d bad line(s) skipped, listed in %s", len(rejected), run_dir / REJECTED)
+    return paths, kept
+
+
+def _log_workload(
+    cfg: RunConfig, conversations: list[Conversation], files: list[Path], kept: list[dict[str, Any]]
+) -> None:
+    planned = cfg.generation.num_samples * sum(replies_to_generate(c, cfg.replay.mode) for c in conversations)
+    log.info(
+        "%d conversation(s) from %d file(s): %d replies to generate%s",
+        len(conversations),
+        len(files),
+        planned,
+        f"; resuming with {len(kept)} record(s) kept" if cfg.resume else "",
+    )
+
+
+def _build_engine(cfg: RunConfig, setup: EngineSetup) -> Engine:
+    location = setup.arguments.load["model"]
+    log.info("loading %s (%s) for engine=%s", cfg.model.name, location, cfg.engine.kind.value)
+    return build_engine(cfg, setup)
+
+
+def _replay(
+    cfg: RunConfig,
+    chat_engine: Engine,
+    conversations: list[Conversation],
+    paths: dict[Path, Path],
+    kept: list[dict[str, Any]],
+) -> Replayed:
+    """Replay into the chat files, each record appended and flushed as it completes; SIGTERM and
+    Ctrl-C end it early with what is complete kept."""
+    done = {(str(record["id"]), record["replay"]["sample"]) for record in kept}
+    samples = cfg.generation.num_samples
+    planned = samples * sum(replies_to_generate(c, cfg.replay.mode) for c in conversations)
+    replayed = Replayed([_record_stats(record) for record in kept], len(kept), 0.0)
+    start = time.perf_counter()
     previous_handler = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         with ChatWriter(paths) as writer, tqdm(total=planned, unit="turn", disable=None) as progress:
-            progress.update(sum(len(turns) for turns, _ in records))
+            progress.update(sum(len(turns) for turns, _ in replayed.records))
             for result in replay_all(
                 conversations,
                 chat_engine,
@@ -124,7 +202,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
                 writer.write(
                     result.conversation.source, chat_record(result, chat_engine.chat_template_sha256)
                 )
-                records.append((result.turns, result.error.code if result.error else None))
+                replayed.records.append((result.turns, result.error.code if result.error else None))
                 if result.error is not None:
                     log.warning(
                         "%s (id %r): %s",
@@ -133,73 +211,69 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
                         result.error.message,
                     )
     except (KeyboardInterrupt, Interrupted) as interruption:
-        status, stop = "interrupted", interruption
+        replayed.status, replayed.stop = "interrupted", interruption
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-    replay_seconds = time.perf_counter() - replay_start
+    replayed.seconds = time.perf_counter() - start
+    return replayed
 
-    turns = [turn for record_turns, _ in records for turn in record_turns]
-    new_turns = [turn for record_turns, _ in records[len(kept) :] for turn in record_turns]
+
+def _summary(
+    cfg: RunConfig,
+    run_dir: Path,
+    files: list[Path],
+    paths: dict[Path, Path],
+    conversations: list[Conversation],
+    rejected: list[Rejected],
+    replayed: Replayed,
+) -> dict[str, Any]:
+    """summary.json's run-level figures: what was replayed, how it ended, and how fast."""
+    turns = [turn for record_turns, _ in replayed.records for turn in record_turns]
+    new_turns = replayed.new_turns
     generated = sum(turn.new_tokens for turn in new_turns)
-    summary = {
-        "status": status,
+    seconds = replayed.seconds
+    return {
+        "status": replayed.status,
         "model": {
             "name": cfg.model.name,
             "source": cfg.model.source.value,
-            "location": location,
+            "location": None,  # the resolved path or hub id, filled in by run()
             "revision": cfg.model.revision,
         },
         "precision": cfg.precision.dtype.value,
         "quant": cfg.quant.method.value,
         "device": cfg.device.kind.value,
-        "loaded": loaded,
         "engine": cfg.engine.kind.value,
-        "batch_size": {"configured": configured_batch_size, "final": chat_engine.batch_size},
-        "cache": chat_engine.stats,
-        "speculative": (
-            {"method": cfg.generation.speculation, **chat_engine.speculation.summary()}
-            if chat_engine.speculation
-            else None
-        ),
         "replay_mode": cfg.replay.mode.value,
         "generation": dataclasses.asdict(cfg.generation),
-        "chat_template_sha256": chat_engine.chat_template_sha256,
-        "system_folded": not chat_engine.supports_system_role,
         "input_files": [str(path) for path in files],
         "chat_files": [str(path.relative_to(run_dir)) for path in dict.fromkeys(paths.values())],
         "conversations": len(conversations),
         "rejected": dict(Counter(reject.code for reject in rejected)),
-        "records": len(records),
-        "records_kept_from_before": len(kept),
+        "records": len(replayed.records),
+        "records_kept_from_before": replayed.kept,
         "turns": len(turns),
-        "errors": dict(Counter(code for _, code in records if code is not None)),
+        "errors": dict(Counter(code for _, code in replayed.records if code is not None)),
         "prompt_tokens": sum(turn.prompt_tokens for turn in turns),
         "generated_tokens": sum(turn.new_tokens for turn in turns),
         "finish_reasons": dict(Counter(turn.finish_reason for turn in turns)),
-        "load_seconds": round(load_seconds, 3),
-        "replay_seconds": round(replay_seconds, 3),
-        "wall_seconds": round(time.perf_counter() - started, 3),
+        "replay_seconds": round(seconds, 3),
         # This session's own speed: tokens it generated over its replay time.
-        "tokens_per_second": round(generated / replay_seconds, 2) if replay_seconds else 0.0,
+        "tokens_per_second": round(generated / seconds, 2) if seconds else 0.0,
         "turn_seconds": _percentiles(turn.seconds for turn in new_turns),
         "first_token_seconds": _percentiles(turn.first_token_seconds for turn in new_turns),
-        "memory_plan": memory_plan.as_dict(),
-        "roofline": _roofline(
-            new_turns,
-            loaded,
-            (architecture.active_params or architecture.params) / architecture.params,
-            model.memory_bandwidth(str(pipe.model.device), Path(cfg.cache_dir).expanduser()),
-            generated / replay_seconds if replay_seconds else 0.0,
-        ),
-        "peak_memory": {"rss_bytes": peak_rss_bytes(), "cuda_bytes": engine.accelerator_peak_bytes()},
-        "environment": {**environment(), "gpus": engine.accelerator_names()},
+        "peak_memory": {"rss_bytes": peak_rss_bytes(), "cuda_bytes": hardware_info.accelerator_peak_bytes()},
+        "environment": {**environment(), "gpus": hardware_info.accelerator_names()},
     }
-    write_json_atomically(run_dir / "summary.json", summary)
-    if stop is not None:
-        raise RunnerError(
-            f"interrupted ({type(stop).__name__}): {len(records)} record(s) complete in {run_dir}; "
-            f"continue with the same command plus hydra.run.dir={run_dir} resume=true"
-        )
+
+
+def _engine_counters(chat_engine: Engine) -> dict[str, Any]:
+    """The engine's counters under fixed keys: cache reuse, step timings, speculative decoding."""
+    counters = chat_engine.counters()
+    return {key: counters.get(key) for key in ("cache", "steps", "speculative")}
+
+
+def _log_done(summary: dict[str, Any], replayed: Replayed, run_dir: Path) -> None:
     roofline = summary["roofline"]
     log.info(
         "roofline: %.1f GB/s over %.1f MB read per token = %.1f tokens/s at batch 1; this run %.1f "
@@ -221,14 +295,13 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         )
     log.info(
         "done: %d conversation(s), %d turn(s), %d tokens in %.1f s (%.1f tokens/s); outputs in %s",
-        len(conversations),
-        len(new_turns),
-        generated,
-        replay_seconds,
+        summary["conversations"],
+        len(replayed.new_turns),
+        sum(turn.new_tokens for turn in replayed.new_turns),
+        summary["replay_seconds"],
         summary["tokens_per_second"],
         run_dir,
     )
-    return summary
 
 
 def _previous_records(
@@ -259,14 +332,18 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
 
 def _check_memory(
     cfg: RunConfig,
-    hardware: model.Hardware,
+    hardware: hardware_info.Hardware,
     architecture: ArchitectureConfig,
     conversations: list[Conversation],
     context: int,
 ) -> MemoryPlan:
     """The memory plan, before any weights load: refuse a run that cannot fit, shrink an auto batch
     that would not, and warn of CPU offload."""
-    if cfg.generation.speculation and cfg.engine.kind is EngineKind.batched and cfg.engine.batch_size != 1:
+    if (
+        cfg.generation.speculation
+        and cfg.engine.kind is not EngineKind.pipeline
+        and cfg.engine.batch_size != 1
+    ):
         log.warning(
             "speculative decoding (%s): transformers drafts for one sequence at a time, so this run "
             "uses batch size 1 (engine.batch_size=%s)",
@@ -274,10 +351,10 @@ def _check_memory(
             cfg.engine.batch_size,
         )
     rows = _batch_rows(cfg, hardware, conversations)
-    plan = model.memory_plan(cfg, hardware, architecture, rows, context, MEASURED_CONTEXT)
+    plan = memory.memory_plan(cfg, hardware, architecture, rows, context, MEASURED_CONTEXT)
     if plan.fitting_batch is not None and cfg.engine.batch_size == "auto":
         log.info("engine.batch_size=auto: %d rows would not fit, using %d", rows, plan.fitting_batch)
-        plan = model.memory_plan(cfg, hardware, architecture, plan.fitting_batch, context, MEASURED_CONTEXT)
+        plan = memory.memory_plan(cfg, hardware, architecture, plan.fitting_batch, context, MEASURED_CONTEXT)
     for line in plan.lines():
         log.info("%s", line)
     if not plan.fits:
@@ -290,7 +367,7 @@ def _check_memory(
 def _print_plan(
     cfg: RunConfig,
     run_dir: Path,
-    hardware: model.Hardware,
+    hardware: hardware_info.Hardware,
     load: dict[str, Any],
     conversations: list[Conversation],
 ) -> dict[str, Any]:
@@ -306,16 +383,16 @@ def _print_plan(
         context = max((_estimated_length(c, cfg) for c in conversations), default=0)
         context_from = "estimated as characters / 3 + max_new_tokens per reply"
     rows = _batch_rows(cfg, hardware, conversations)
-    plan = model.memory_plan(cfg, hardware, model.architecture(cfg, load), rows, context, context_from)
+    plan = memory.memory_plan(cfg, hardware, memory.architecture(cfg, load), rows, context, context_from)
     print("\n".join(plan.lines()))
     write_json_atomically(run_dir / "plan.json", plan.as_dict())
     return plan.as_dict()
 
 
-def _batch_rows(cfg: RunConfig, hardware: model.Hardware, conversations: list[Conversation]) -> int:
+def _batch_rows(cfg: RunConfig, hardware: hardware_info.Hardware, conversations: list[Conversation]) -> int:
     """The batch the engine will run: the configured size, at most one row per conversation sample."""
     streams = len(conversations) * cfg.generation.num_samples
-    return max(1, min(model.resolve_batch_size(cfg, hardware), streams))
+    return max(1, min(resolve_batch_size(cfg, hardware), streams))
 
 
 def _estimated_length(conversation: Conversation, cfg: RunConfig) -> int:
@@ -332,10 +409,10 @@ def _check_template(
     """Render each conversation's final shape with the chat template once: refusals become
     rejects, and the longest rendering plus max_new_tokens per reply to generate is the context
     the memory plan reserves per row."""
-    fold = not engine.template_supports_system_role(tokenizer)
+    fold = not template_supports_system_role(tokenizer)
     accepted, refused, longest = [], [], 0
     for conversation in conversations:
-        tokens = engine.template_tokens(tokenizer, final_shape(conversation, cfg.replay.mode, fold=fold))
+        tokens = template_tokens(tokenizer, final_shape(conversation, cfg.replay.mode, fold=fold))
         if isinstance(tokens, int):
             accepted.append(conversation)
             replies = replies_to_generate(conversation, cfg.replay.mode)

@@ -51,7 +51,6 @@ class MemoryPlan:
     context_tokens: int
     context_from: str  # how context_tokens was found
     kv_bytes: int  # batch_rows x context_tokens tokens of KV cache
-    kept_cache_bytes: int  # KV caches the batched engine keeps between turns
     draft_bytes: int  # generation.assistant_model's weights and KV cache
     total_bytes: int
     devices: dict[str, int]  # device -> free bytes the model may use
@@ -77,8 +76,6 @@ class MemoryPlan:
             f"  KV cache        {gb(self.kv_bytes):>10}  ({self.batch_rows} row(s) x {self.context_tokens:,} "
             f"tokens x {self.kv_bytes_per_token / 2**10:,.0f} KiB; context {self.context_from})",
         ]
-        if self.kept_cache_bytes:
-            lines.append(f"  kept KV caches  {gb(self.kept_cache_bytes):>10}  (engine.cache_mb)")
         if self.draft_bytes:
             lines.append(f"  draft model     {gb(self.draft_bytes):>10}  (generation.assistant_model)")
         lines += [
@@ -125,7 +122,6 @@ def make_plan(
     batch_rows: int,
     context_tokens: int,
     context_from: str,
-    cache_bytes: int,
     devices: dict[str, int],
     offload_bytes: int,
     alternatives: dict[str, tuple[int, QuantConfig]],
@@ -135,16 +131,15 @@ def make_plan(
 
     Args:
         context_tokens: the longest sequence (prompt + reply) one row may reach.
-        cache_bytes: the most the batched engine keeps of finished turns' KV caches (0 if none).
         devices: free bytes of each device the model loads onto.
         offload_bytes: CPU bytes that device_map="auto" may spill into (0 where it cannot).
         alternatives: other choices to advise, "precision=bf16 quant=int4" -> (dtype bytes, quant).
         draft_bytes: what a draft model for speculative decoding takes beside the model.
     """
-    need = _Need(arch, min(context_tokens, arch.context_length), cache_bytes)
+    need = _Need(arch, min(context_tokens, arch.context_length))
     weights = weights_bytes(arch, dtype_bytes, quant)
-    kv, kept = need.cache(batch_rows, dtype_bytes)
-    total = weights + kv + kept + draft_bytes
+    kv = need.cache(batch_rows, dtype_bytes)
+    total = weights + kv + draft_bytes
     room = usable(devices)
     if total <= room:
         verdict = "fits"
@@ -165,7 +160,6 @@ def make_plan(
         context_tokens=need.context,
         context_from=context_from,
         kv_bytes=kv,
-        kept_cache_bytes=kept,
         draft_bytes=draft_bytes,
         total_bytes=total,
         devices=devices,
@@ -178,16 +172,14 @@ def make_plan(
 
 @dataclass(frozen=True)
 class _Need:
-    """KV-cache bytes of a batch: the rows in flight at full context, and what the batched engine
-    keeps of up to 4 x rows waiting conversations (the scheduler's window), at most cache_bytes."""
+    """KV-cache bytes of a batch: every slot at full context (a conversation keeps its slot's cache
+    between turns, so nothing is held beyond the slots)."""
 
     arch: ArchitectureConfig
     context: int
-    cache_bytes: int
 
-    def cache(self, rows: int, dtype_bytes: int) -> tuple[int, int]:
-        in_flight = rows * self.context * kv_bytes_per_token(self.arch, dtype_bytes)
-        return in_flight, min(self.cache_bytes, 4 * in_flight)
+    def cache(self, rows: int, dtype_bytes: int) -> int:
+        return rows * self.context * kv_bytes_per_token(self.arch, dtype_bytes)
 
 
 def _advice(
@@ -201,11 +193,7 @@ def _advice(
     """The cheapest change that fits, and the batch size if that is it: a smaller batch, else the
     least compressed precision/quantization (at this batch, else at batch 1)."""
     batch = next(
-        (
-            rows
-            for rows in range(batch_rows - 1, 0, -1)
-            if weights + sum(need.cache(rows, dtype_bytes)) <= room
-        ),
+        (rows for rows in range(batch_rows - 1, 0, -1) if weights + need.cache(rows, dtype_bytes) <= room),
         None,
     )
     if batch is not None:
@@ -219,7 +207,7 @@ def _advice(
     )
     for rows in dict.fromkeys([batch_rows, 1]):
         for other_weights, name, other_bytes in candidates:
-            if other_weights + sum(need.cache(rows, other_bytes)) <= room:
+            if other_weights + need.cache(rows, other_bytes) <= room:
                 smaller = "" if rows == batch_rows else f" engine.batch_size={rows}"
                 return f"{name}{smaller} needs ~{gb(other_weights)} for weights and fits", None
     smallest = min(candidates, default=None)

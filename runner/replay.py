@@ -5,70 +5,20 @@ replies; an input reply to that user message becomes the turn's `reference`.
 `gold_history`: input replies stay in the history (teacher forcing); only user messages without a
 reply get a generated one.
 
-Conversations are independent and the turns of one are sequential, so `replay_all` keeps a window
-of conversations in flight and hands the engine batches of their pending turns; a conversation's
-next turn is pending as soon as its previous reply is in. Results come out in input order.
+Conversations are independent and the turns of one are sequential, so `replay_all` keeps as many
+conversations in flight as the engine has room for and submits each one's next turn the moment its
+previous reply is in; the engine decides what runs in each step. Results come out in input order.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 from runner.conversations import Conversation, Message, fold_system_message
+from runner.engines.protocol import Engine, Reply, Request, TurnError
 from runner.schema import ReplayMode
-
-
-@dataclass(frozen=True)
-class Request:
-    """One turn to generate: the prompt messages (ending in a user message) and its seed.
-
-    `stream` names the (conversation, sample) it belongs to, and `continues` says whether that
-    conversation has more turns after this one: an engine may keep state for its next turn.
-    """
-
-    messages: tuple[Message, ...]
-    seed: int
-    stream: int = 0
-    continues: bool = False
-
-    @property
-    def length_hint(self) -> int:
-        """A cheap stand-in for the prompt's token count, to group similar lengths in a batch."""
-        return sum(len(message.content) for message in self.messages)
-
-
-@dataclass(frozen=True)
-class Reply:
-    """What an engine returns for one turn."""
-
-    text: str
-    prompt_tokens: int
-    new_tokens: int
-    finish_reason: str  # "stop" (an eos token) or "length" (max_new_tokens reached)
-    seconds: float  # from the start of the generate call that produced it to its end
-    first_token_seconds: float  # from that start to the first new token
-    control_tokens_in_content: int = 0  # special-token strings inside the prompt's message texts
-
-
-@dataclass(frozen=True)
-class TurnError:
-    """A turn that cannot be generated; the conversation stops there and the run goes on."""
-
-    code: str  # stable: "context_overflow", "out_of_memory"
-    message: str
-    details: dict[str, Any]
-
-
-class Engine(Protocol):
-    supports_system_role: bool
-    batch_size: int
-
-    def generate(self, requests: Sequence[Request]) -> list[Reply | TurnError]:
-        """One reply (or error) per request, in order; at most `batch_size` requests."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -224,14 +174,13 @@ def replay_all(
     done: Container[tuple[str, int]] = frozenset(),
     on_turn: Callable[[Turn | None], None] | None = None,
 ) -> Iterator[ReplayedConversation]:
-    """Replay every (conversation, sample), batching pending turns; yield results in input order.
+    """Replay every (conversation, sample) through the engine's steps; yield results in input order.
 
     `done` holds the (str(id), sample) pairs a resumed run already has: they are skipped.
 
-    At most `4 * engine.batch_size` conversations are in flight or waiting to be yielded, so memory
-    grows with the batch size, not with the input. Each batch is anchored on the oldest pending
-    turn (so results flow out in order) and filled with the pending turns closest to it in length
-    (so little padding).
+    A new conversation starts when the engine has a free slot, oldest first, and while fewer than
+    `4 * engine.batch_size` are in flight or waiting to be yielded behind an older one, so memory
+    grows with the batch size, not with the input.
     """
     jobs = ((c, s) for c in conversations for s in range(samples) if (str(c.id), s) not in done)
     active: dict[int, ConversationReplay] = {}
@@ -239,7 +188,8 @@ def replay_all(
     started = emitted = 0
     exhausted = False
     while True:
-        while not exhausted and len(active) + len(finished) < 4 * max(engine.batch_size, 1):
+        window = 4 * max(engine.batch_size, 1)
+        while not exhausted and engine.free_slots() > 0 and len(active) + len(finished) < window:
             job = next(jobs, None)
             if job is None:
                 exhausted = True
@@ -256,16 +206,18 @@ def replay_all(
                 finished[started] = replay.result()
             else:
                 active[started] = replay
+                engine.submit(replay.pending)
             started += 1
         if active:
-            batch = _pick_batch(active, engine.batch_size)
-            outcomes = engine.generate([active[index].pending for index in batch])
-            for index, outcome in zip(batch, outcomes, strict=True):
-                turn = active[index].record(outcome)
+            for request, outcome in engine.step():
+                replay = active[request.stream]
+                turn = replay.record(outcome)
                 if on_turn is not None:
                     on_turn(turn)
-                if active[index].done:
-                    finished[index] = active.pop(index).result()
+                if replay.done:
+                    finished[request.stream] = active.pop(request.stream).result()
+                else:
+                    engine.submit(replay.pending)
         while emitted in finished:
             yield finished.pop(emitted)
             emitted += 1
@@ -273,25 +225,16 @@ def replay_all(
             return
 
 
-def _pick_batch(active: dict[int, ConversationReplay], size: int) -> list[int]:
-    """The oldest pending turn plus the `size - 1` pending turns nearest to it in length."""
-    anchor = min(active)
-    length = active[anchor].pending.length_hint
-    others = sorted(
-        (index for index in active if index != anchor),
-        key=lambda index: (abs(active[index].pending.length_hint - length), index),
-    )
-    return [anchor, *others[: max(size, 1) - 1]]
-
-
 def replay_conversation(
     conversation: Conversation, engine: Engine, mode: ReplayMode, *, run_seed: int, sample: int = 0
 ) -> ReplayedConversation:
     """Replay one conversation alone, turn after turn."""
-    replay = ConversationReplay(
-        conversation, mode, run_seed=run_seed, sample=sample, fold=not engine.supports_system_role
+    [result] = replay_all(
+        [conversation],
+        engine,
+        mode,
+        run_seed=run_seed,
+        samples=sample + 1,
+        done={(str(conversation.id), s) for s in range(sample)},
     )
-    while not replay.done:
-        [outcome] = engine.generate([replay.pending])
-        replay.record(outcome)
-    return replay.result()
+    return result

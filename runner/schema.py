@@ -50,7 +50,8 @@ class DeviceKind(Enum):
 
 
 class EngineKind(Enum):
-    batched = "batched"  # left-padded model.generate batches across conversations
+    # Each value names its module, runner/engines/<value>.py, which builds the engine.
+    continuous = "continuous"  # step-level batching over KV-cache slots, turns joining at any step
     pipeline = "pipeline"  # TextGenerationPipeline, one turn per call (the seed's way)
 
 
@@ -205,17 +206,19 @@ class GenerationConfig:
 @dataclass
 class EngineConfig:
     kind: EngineKind = MISSING
-    batch_size: Any = "auto"  # turns per generate call: an integer >= 1, or "auto"
-    cache_mb: int = 1024  # KV caches kept between a conversation's turns (batched engine)
+    batch_size: Any = "auto"  # turns in flight at once (KV-cache slots): an integer >= 1, or "auto"
+    prefill_chunk: int = 512  # prompt tokens prefilled per step at most (continuous engine)
 
     def __post_init__(self) -> None:
         size = self.batch_size
         if size != "auto" and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise ConfigError(f"engine.batch_size must be an integer >= 1 or auto, got {size!r}")
-        if self.cache_mb < 0:
-            raise ConfigError("engine.cache_mb must be >= 0 (0 turns cache reuse off)")
+        if self.prefill_chunk < 1:
+            raise ConfigError("engine.prefill_chunk must be >= 1")
         if self.kind is EngineKind.pipeline and size not in (1, "auto"):
-            raise ConfigError("engine=pipeline runs one turn per call: use engine=batched for batch_size > 1")
+            raise ConfigError(
+                "engine=pipeline runs one turn per call: use engine=continuous for batch_size > 1"
+            )
 
 
 @dataclass

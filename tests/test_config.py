@@ -9,8 +9,9 @@ import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
+from runner.arguments import resolve_batch_size, transformers_arguments
 from runner.errors import ConfigError
-from runner.model import Hardware, resolve_batch_size, transformers_arguments
+from runner.hardware import Hardware
 from runner.schema import RunConfig, to_run_config
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -42,7 +43,7 @@ def test_groups_offer_the_required_options():
     assert options["quant"] == {"none", "int8", "int4"}
     assert options["device"] == {"auto", "cpu", "cuda"}
     assert options["generation"] == {"greedy", "sampling"}
-    assert options["engine"] == {"batched", "pipeline"}
+    assert options["engine"] == {"continuous", "pipeline"}
 
 
 def test_default_config(compose_config):
@@ -74,7 +75,7 @@ def test_default_config(compose_config):
             "prompt_lookup_num_tokens": 0,
             "assistant_model": None,
         },
-        "engine": {"kind": "batched", "batch_size": 32, "cache_mb": 1024},
+        "engine": {"kind": "continuous", "batch_size": "auto", "prefill_chunk": 512},
         "input": {"path": "conversations", "format": "auto", "on_error": "fail", "max_line_bytes": 16777216},
         "replay": {"mode": "regenerate"},
         "shard": {"index": 0, "count": 1},
@@ -273,8 +274,8 @@ def test_unknown_keys_and_wrong_types_fail_at_compose_time(compose_config, overr
         (["device=cpu", "+device.max_memory={cpu:10GiB}"], "max_memory applies to device=auto"),
         (["engine.batch_size=0"], "engine.batch_size must be an integer >= 1 or auto"),
         (["engine.batch_size=many"], "engine.batch_size must be an integer >= 1 or auto"),
-        (["engine=pipeline", "engine.batch_size=8"], "use engine=batched for batch_size > 1"),
-        (["engine.cache_mb=-1"], "engine.cache_mb must be >= 0"),
+        (["engine=pipeline", "engine.batch_size=8"], "use engine=continuous for batch_size > 1"),
+        (["engine.prefill_chunk=0"], "engine.prefill_chunk must be >= 1"),
         (["input.max_line_bytes=0"], "input.max_line_bytes must be >= 1"),
         (["shard.index=4", "shard.count=4"], r"shard.index must be in \[0, shard.count\)"),
         (["shard.count=0"], r"shard.index must be in \[0, shard.count\)"),

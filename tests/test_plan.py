@@ -10,7 +10,8 @@ import pytest
 from test_cli import run_cli
 
 from runner.errors import ConfigError
-from runner.model import Hardware, architecture, memory_plan
+from runner.hardware import Hardware
+from runner.memory import architecture, memory_plan
 from runner.plan import kv_bytes_per_token, weights_bytes
 from runner.schema import QuantConfig, QuantMethod, to_run_config
 
@@ -84,10 +85,10 @@ def test_a_batch_that_does_not_fit_gets_the_largest_that_does(compose_config):
 
 
 def test_kv_cache_follows_layers_kv_heads_and_the_context_cap(compose_config):
-    plan = plan_for(compose_config, H100, "model=llama3_8b", "engine.cache_mb=0", rows=4, context=100_000)
+    plan = plan_for(compose_config, H100, "model=llama3_8b", rows=4, context=100_000)
     assert plan.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2  # 128 KiB in bf16
     assert plan.context_tokens == 8192  # capped at the model's context
-    assert plan.kv_bytes == 4 * 8192 * plan.kv_bytes_per_token and plan.kept_cache_bytes == 0
+    assert plan.kv_bytes == 4 * 8192 * plan.kv_bytes_per_token
 
 
 def test_mixture_of_experts_weights_count_every_expert(compose_config):
@@ -119,7 +120,7 @@ def test_a_draft_model_is_planned_beside_the_model(compose_config, embedded_dir)
     drafted = plan_for(
         compose_config, H100, "model=llama3_8b", "generation.assistant_model=smollm2_135m", rows=1
     )
-    plain = plan_for(compose_config, H100, "model=llama3_8b", "engine.cache_mb=0", rows=1)
+    plain = plan_for(compose_config, H100, "model=llama3_8b", rows=1)
     draft_params = architecture(
         to_run_config(compose_config()), {"model": str(embedded_dir), "trust_remote_code": False}
     ).params

@@ -8,6 +8,7 @@ from types import MappingProxyType
 import pytest
 
 from runner.conversations import Conversation, Message
+from runner.engines.protocol import WholeTurnEngine
 from runner.replay import (
     Reply,
     Request,
@@ -20,12 +21,12 @@ from runner.replay import (
 from runner.schema import ReplayMode
 
 
-class ScriptedEngine:
+class ScriptedEngine(WholeTurnEngine):
     """Answers "reply N" (or a TurnError for prompts containing "OVERFLOW"); keeps every call."""
 
     def __init__(self, supports_system_role: bool = True, batch_size: int = 1):
+        super().__init__(batch_size)
         self.supports_system_role = supports_system_role
-        self.batch_size = batch_size
         self.calls: list[tuple[tuple[Message, ...], int]] = []
         self.batches: list[list[Request]] = []
 

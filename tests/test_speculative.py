@@ -13,10 +13,13 @@ from test_cli import read_jsonl, run_cli
 from test_engine import DOZEN, GREEDY, replay_texts
 
 from runner.conversations import Conversation, Message
-from runner.engine import BatchedEngine, PipelineEngine
+from runner.engines.continuous import ContinuousEngine
+from runner.engines.pipeline import PipelineEngine
+from runner.engines.protocol import Request, Sampling
 from runner.errors import ConfigError
-from runner.model import Hardware, load_assistant
-from runner.replay import Request, replay_all
+from runner.hardware import Hardware
+from runner.model import load_assistant
+from runner.replay import replay_all
 from runner.schema import ReplayMode, to_run_config
 
 pytestmark = pytest.mark.slow
@@ -36,32 +39,28 @@ def test_prompt_lookup_gives_the_same_greedy_text_and_drafts_from_the_prompt(smo
     plain = {**GREEDY, "max_new_tokens": 16}
     lookup = {**plain, "prompt_lookup_num_tokens": 6}
     conversations = [*DOZEN[:6], Conversation("rewrite", REWRITE, MappingProxyType({}), Path("t.jsonl"), 1)]
-    expected = replay_texts(
-        BatchedEngine(smol_pipeline.model, smol_pipeline.tokenizer, plain, 1, 0), conversations
-    )
-    for engine in (
-        BatchedEngine(smol_pipeline.model, smol_pipeline.tokenizer, lookup, 1, 2**30),
-        PipelineEngine(smol_pipeline, lookup),
-    ):
-        results = list(replay_all(conversations, engine, ReplayMode.regenerate, run_seed=0))
-        assert [[m.content for m in r.messages] for r in results] == expected
-        summary = engine.speculation.summary()
-        # The counter saw every generated token, and fewer passes than tokens (drafts were accepted).
-        assert summary["new_tokens"] == sum(turn.new_tokens for r in results for turn in r.turns)
-        assert summary["forward_passes"] < summary["new_tokens"]
-        assert 0 < summary["accepted_tokens"] <= summary["drafted_tokens"]
-        assert 0 < summary["acceptance_rate"] <= 1
+    expected = replay_texts(PipelineEngine(smol_pipeline, plain), conversations)
+    engine = PipelineEngine(smol_pipeline, lookup, "prompt_lookup")
+    results = list(replay_all(conversations, engine, ReplayMode.regenerate, run_seed=0))
+    assert [[m.content for m in r.messages] for r in results] == expected
+    summary = engine.counters()["speculative"]
+    assert summary["method"] == "prompt_lookup"
+    # The counter saw every generated token, and fewer passes than tokens (drafts were accepted).
+    assert summary["new_tokens"] == sum(turn.new_tokens for r in results for turn in r.turns)
+    assert summary["forward_passes"] < summary["new_tokens"]
+    assert 0 < summary["accepted_tokens"] <= summary["drafted_tokens"]
+    assert 0 < summary["acceptance_rate"] <= 1
     # Copying the passage back: most tokens come from accepted drafts, several per forward pass.
-    copying = PipelineEngine(smol_pipeline, lookup)
+    copying = PipelineEngine(smol_pipeline, lookup, "prompt_lookup")
     [reply] = copying.generate([Request(REWRITE, 0)])
     assert reply.text.startswith("Our team met on Tuesday")
     assert copying.speculation.summary()["tokens_per_forward_pass"] > 2
 
 
-def test_without_speculation_there_is_nothing_to_count(smol_pipeline):
-    engine = BatchedEngine(smol_pipeline.model, smol_pipeline.tokenizer, GREEDY, 4, 2**30)
-    assert engine.speculation is None
-    assert engine.cache_supported
+def test_without_speculation_there_is_nothing_to_count(smol_pipeline, smol_model):
+    assert PipelineEngine(smol_pipeline, GREEDY).counters() == {}
+    engine = ContinuousEngine(smol_model, smol_pipeline.tokenizer, Sampling(4), 4, 512)
+    assert "speculative" not in engine.counters()
 
 
 def test_assistant_model_run_equals_the_plain_run_at_batch_size_one(write_jsonl, tmp_path, embedded_dir):
@@ -78,7 +77,7 @@ def test_assistant_model_run_equals_the_plain_run_at_batch_size_one(write_jsonl,
         *common, "generation.assistant_model=smollm2_135m", f"hydra.run.dir={tmp_path / 'drafted'}"
     )
     assert drafted.returncode == 0, drafted.stderr
-    assert "uses batch size 1 (engine.batch_size=32)" in drafted.stderr
+    assert "uses batch size 1 (engine.batch_size=auto)" in drafted.stderr
 
     def texts(run: str) -> list[list[str]]:
         return [
