@@ -66,6 +66,17 @@ class Replayed:
         return [turn for turns, _ in self.records[self.kept :] for turn in turns]
 
 
+@dataclass(frozen=True)
+class LoadedEngine:
+    """The engine with its model loaded, and what the summary says of the loading."""
+
+    engine: Engine
+    location: str  # the checkpoint directory or hub id
+    seconds: float  # from model preparation to a ready engine
+    description: dict[str, Any]  # engine.describe()
+    configured_batch_size: int
+
+
 def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     """Replay every input conversation through the configured model into `run_dir`."""
     started = time.perf_counter()
@@ -84,38 +95,14 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     paths, kept = _open_run_dir(cfg, run_dir, files, rejected)
     _log_workload(cfg, conversations, files, kept)
 
-    chat_engine = _build_engine(cfg, EngineSetup(hardware, arguments, tokenizer, memory_plan.batch_rows))
-    load_seconds = time.perf_counter() - load_start
-    loaded = chat_engine.describe()
-    log.info("loaded in %.1f s: %s, %s", load_seconds, loaded["dtype"], loaded["device_map"])
-    if not chat_engine.supports_system_role and any(c.messages[0].role == "system" for c in conversations):
-        log.warning(
-            "%s's chat template has no system role: system messages are folded into the first "
-            "user turn (system text, a blank line, then the user text)",
-            cfg.model.name,
-        )
-    configured_batch_size = chat_engine.batch_size
+    setup = EngineSetup(hardware, arguments, tokenizer, memory_plan.batch_rows)
+    loaded = _load_engine(cfg, setup, conversations, load_start)
 
-    replayed = _replay(cfg, chat_engine, conversations, paths, kept)
-    summary = _summary(cfg, run_dir, files, paths, conversations, rejected, replayed)
-    summary["model"]["location"] = arguments.load["model"]
-    summary.update(
-        loaded=loaded,
-        batch_size={"configured": configured_batch_size, "final": chat_engine.batch_size},
-        **_engine_counters(chat_engine),
-        chat_template_sha256=chat_engine.chat_template_sha256,
-        system_folded=not chat_engine.supports_system_role,
-        load_seconds=round(load_seconds, 3),
-        wall_seconds=round(time.perf_counter() - started, 3),
-        memory_plan=memory_plan.as_dict(),
-        roofline=_roofline(
-            replayed.new_turns,
-            loaded,
-            (architecture.active_params or architecture.params) / architecture.params,
-            hardware_info.memory_bandwidth(loaded["device"], Path(cfg.cache_dir).expanduser()),
-            summary["tokens_per_second"],
-        ),
+    replayed = _replay(cfg, loaded.engine, conversations, paths, kept)
+    summary = _summary(
+        cfg, run_dir, files, paths, conversations, rejected, loaded, memory_plan, architecture, replayed
     )
+    summary["wall_seconds"] = round(time.perf_counter() - started, 3)
     write_json_atomically(run_dir / "summary.json", summary)
     if replayed.stop is not None:
         raise RunnerError(
@@ -166,10 +153,33 @@ def _log_workload(
     )
 
 
-def _build_engine(cfg: RunConfig, setup: EngineSetup) -> Engine:
+def _load_engine(
+    cfg: RunConfig, setup: EngineSetup, conversations: list[Conversation], load_start: float
+) -> LoadedEngine:
+    """Build the configured engine (it loads its model) and say what was loaded."""
     location = setup.arguments.load["model"]
     log.info("loading %s (%s) for engine=%s", cfg.model.name, location, cfg.engine.kind.value)
-    return build_engine(cfg, setup)
+    chat_engine = build_engine(cfg, setup)
+    loaded = LoadedEngine(
+        chat_engine,
+        location,
+        time.perf_counter() - load_start,
+        chat_engine.describe(),
+        chat_engine.batch_size,
+    )
+    log.info(
+        "loaded in %.1f s: %s, %s",
+        loaded.seconds,
+        loaded.description["dtype"],
+        loaded.description["device_map"],
+    )
+    if not chat_engine.supports_system_role and any(c.messages[0].role == "system" for c in conversations):
+        log.warning(
+            "%s's chat template has no system role: system messages are folded into the first "
+            "user turn (system text, a blank line, then the user text)",
+            cfg.model.name,
+        )
+    return loaded
 
 
 def _replay(
@@ -225,27 +235,39 @@ def _summary(
     paths: dict[Path, Path],
     conversations: list[Conversation],
     rejected: list[Rejected],
+    loaded: LoadedEngine,
+    memory_plan: MemoryPlan,
+    architecture: ArchitectureConfig,
     replayed: Replayed,
 ) -> dict[str, Any]:
-    """summary.json's run-level figures: what was replayed, how it ended, and how fast."""
+    """summary.json: what was loaded and replayed, how it ended, how fast, and on what."""
     turns = [turn for record_turns, _ in replayed.records for turn in record_turns]
     new_turns = replayed.new_turns
     generated = sum(turn.new_tokens for turn in new_turns)
     seconds = replayed.seconds
+    speed = generated / seconds if seconds else 0.0
+    chat_engine = loaded.engine
+    counters = chat_engine.counters()
+    bandwidth = hardware_info.memory_bandwidth(loaded.description["device"], Path(cfg.cache_dir).expanduser())
     return {
         "status": replayed.status,
         "model": {
             "name": cfg.model.name,
             "source": cfg.model.source.value,
-            "location": None,  # the resolved path or hub id, filled in by run()
+            "location": loaded.location,
             "revision": cfg.model.revision,
         },
         "precision": cfg.precision.dtype.value,
         "quant": cfg.quant.method.value,
         "device": cfg.device.kind.value,
+        "loaded": loaded.description,
         "engine": cfg.engine.kind.value,
+        "batch_size": {"configured": loaded.configured_batch_size, "final": chat_engine.batch_size},
+        **{key: counters.get(key) for key in ("cache", "steps", "speculative")},
         "replay_mode": cfg.replay.mode.value,
         "generation": dataclasses.asdict(cfg.generation),
+        "chat_template_sha256": chat_engine.chat_template_sha256,
+        "system_folded": not chat_engine.supports_system_role,
         "input_files": [str(path) for path in files],
         "chat_files": [str(path.relative_to(run_dir)) for path in dict.fromkeys(paths.values())],
         "conversations": len(conversations),
@@ -257,20 +279,24 @@ def _summary(
         "prompt_tokens": sum(turn.prompt_tokens for turn in turns),
         "generated_tokens": sum(turn.new_tokens for turn in turns),
         "finish_reasons": dict(Counter(turn.finish_reason for turn in turns)),
+        "load_seconds": round(loaded.seconds, 3),
         "replay_seconds": round(seconds, 3),
+        "wall_seconds": None,  # set by run() as the last step
         # This session's own speed: tokens it generated over its replay time.
-        "tokens_per_second": round(generated / seconds, 2) if seconds else 0.0,
+        "tokens_per_second": round(speed, 2),
         "turn_seconds": _percentiles(turn.seconds for turn in new_turns),
         "first_token_seconds": _percentiles(turn.first_token_seconds for turn in new_turns),
+        "memory_plan": memory_plan.as_dict(),
+        "roofline": _roofline(
+            new_turns,
+            loaded.description,
+            (architecture.active_params or architecture.params) / architecture.params,
+            bandwidth,
+            speed,
+        ),
         "peak_memory": {"rss_bytes": peak_rss_bytes(), "cuda_bytes": hardware_info.accelerator_peak_bytes()},
         "environment": {**environment(), "gpus": hardware_info.accelerator_names()},
     }
-
-
-def _engine_counters(chat_engine: Engine) -> dict[str, Any]:
-    """The engine's counters under fixed keys: cache reuse, step timings, speculative decoding."""
-    counters = chat_engine.counters()
-    return {key: counters.get(key) for key in ("cache", "steps", "speculative")}
 
 
 def _log_done(summary: dict[str, Any], replayed: Replayed, run_dir: Path) -> None:

@@ -52,7 +52,9 @@ def load_pipeline(load: dict[str, Any], pipeline_class: type, tokenizer: Any) ->
     from transformers import pipeline
 
     try:
-        pipe = pipeline(**load, tokenizer=tokenizer, pipeline_class=pipeline_class)
+        # A copy: pipeline() writes device_map into the model_kwargs it is given.
+        own = {**load, "model_kwargs": dict(load["model_kwargs"])} if "model_kwargs" in load else load
+        pipe = pipeline(**own, tokenizer=tokenizer, pipeline_class=pipeline_class)
     except (OSError, ImportError) as error:
         raise ModelLoadError(f"could not load model {load['model']!r}: {error}") from error
     if pipe.model.generation_config.pad_token_id is None:

@@ -252,7 +252,7 @@ def test_kv_cache_is_allocated_per_slot_not_per_step(smol_pipeline, smol_model):
     config = smol_model.config
     per_token = 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4
     assert engine.cache.nbytes == config.num_hidden_layers * 3 * engine.cache.capacity * per_token
-    assert engine.cache.capacity % 256 == 0 and engine.cache.capacity <= 256
+    assert engine.cache.capacity % 64 == 0 and engine.cache.capacity <= 256
 
 
 def test_template_that_rewrites_history_falls_back_to_a_full_prefill(smol_pipeline, smol_model):
@@ -328,3 +328,36 @@ def test_control_tokens_in_user_content_are_flagged(smol_pipeline, smol_model):
     im_start = smol_pipeline.tokenizer.convert_tokens_to_ids("<|im_start|>")
     counts = [engine.prompt_ids(m).count(im_start) for m in (QUESTION, (Message(U, injected),))]
     assert counts[1] == counts[0] + 1
+
+
+# LLM.int8 computes the activation columns that hold outliers in float, choosing them over all the
+# tokens of a pass, so a row's numbers depend on what shares its pass (prefill chunks included):
+# measured 13/23 replies equal to the pipeline's at batch 1 and 10/23 at 6 rows; nf4 19/23 and 21/23.
+@pytest.mark.parametrize(("quant", "floor"), [("int8", 0.35), ("int4", 0.75)])
+def test_quantized_replies_match_the_pipeline(compose_config, quant, floor, capsys):
+    from runner import model
+    from runner.engines import EngineSetup, build_engine
+    from runner.schema import to_run_config
+
+    cfg = to_run_config(compose_config(f"quant={quant}", "device=cpu", "generation.max_new_tokens=12"))
+    hardware, arguments = model.prepare(cfg)
+    tokenizer = model.load_tokenizer(arguments.load)
+    engines = {}
+    for kind in ("pipeline", "continuous"):
+        kind_cfg = to_run_config(
+            compose_config(f"quant={quant}", "device=cpu", "generation.max_new_tokens=12", f"engine={kind}")
+        )
+        engines[kind] = build_engine(kind_cfg, EngineSetup(hardware, arguments, tokenizer, 6))
+    quantized = engines["continuous"].model.model.layers[0].mlp.up_proj
+    assert type(quantized).__name__ == {"int8": "Linear8bitLt", "int4": "Linear4bit"}[quant]
+
+    def replies(engine):
+        results = replay_all(DOZEN, engine, ReplayMode.regenerate, run_seed=0)
+        return [r.messages[turn.message_index].content for r in results for turn in r.turns]
+
+    pipeline, continuous_replies = replies(engines["pipeline"]), replies(engines["continuous"])
+    equal = sum(a == b for a, b in zip(pipeline, continuous_replies, strict=True))
+    with capsys.disabled():
+        print(f"\n{quant}: {equal}/{len(pipeline)} replies equal engine=pipeline's")
+    assert equal >= floor * len(pipeline)
+    assert all(reply.strip() for reply in continuous_replies)

