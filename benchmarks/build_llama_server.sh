@@ -33,6 +33,8 @@ cmake -S "$dir/src" -B "$dir/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF 
 cmake --build "$dir/build" --target llama-server -j "$(nproc)"
 
 # The embedded model's cached transformers checkpoint (converted once by the runner) -> F32 GGUF.
+# The converter's own requirements pin other torch/transformers versions: add only what .venv lacks.
+"$python" -m pip install --quiet --disable-pip-version-check sentencepiece
 checkpoint=$("$python" -c "
 from pathlib import Path; import os
 from runner.embedded import embedded_checkpoint
