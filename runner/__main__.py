@@ -1,6 +1,7 @@
 """`python -m runner [group=option ...] [key=value ...]`: compose the config and run the replay."""
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from runner.errors import ConfigError, RunnerError
+from runner.errors import ConfigError, Interrupted, RunnerError, raise_interrupted
 from runner.outputs import safe_name, unique_dir
 from runner.schema import refuse_secrets, register_configs, to_run_config
 
@@ -32,8 +33,11 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, raise_interrupted)
     try:
         refuse_secrets(sys.argv[1:])
+        main()
     except ConfigError as error:
         sys.exit(f"error: {error}")
-    main()
+    except (KeyboardInterrupt, Interrupted) as stop:  # before the run began: nothing to keep
+        sys.exit(f"interrupted ({type(stop).__name__}) before the run began")

@@ -22,11 +22,12 @@ from runner.conversations import Conversation, Rejected, read_conversations, res
 from runner.engines import EngineSetup, build_engine
 from runner.engines.chat import template_supports_system_role, template_tokens
 from runner.engines.protocol import Engine
-from runner.errors import InputError, RunnerError
+from runner.errors import InputError, Interrupted, RunnerError, raise_interrupted
 from runner.outputs import (
     MANIFEST,
     REJECTED,
     ChatWriter,
+    RunDirLock,
     chat_paths,
     chat_record,
     check_resumable,
@@ -34,6 +35,7 @@ from runner.outputs import (
     environment,
     manifest,
     peak_rss_bytes,
+    repair_order,
     write_json_atomically,
     write_jsonl_atomically,
 )
@@ -45,10 +47,6 @@ log = logging.getLogger(__name__)
 
 # How the memory plan's context per row was found, when the chat template measured it.
 MEASURED_CONTEXT = "the longest conversation + max_new_tokens per reply"
-
-
-class Interrupted(Exception):
-    """SIGTERM arrived (SIGINT arrives as KeyboardInterrupt)."""
 
 
 @dataclass
@@ -78,21 +76,65 @@ class LoadedEngine:
 
 
 def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
-    """Replay every input conversation through the configured model into `run_dir`."""
+    """Replay every input conversation through the configured model into `run_dir`.
+
+    The run dir is locked and its manifest written right after the input is read, before anything
+    slow: a run stopped at any moment later can be resumed. SIGTERM and Ctrl-C at any moment end it
+    with an interrupted summary and the command to resume.
+    """
     started = time.perf_counter()
-    files, conversations, rejected = _read_input(cfg)
+    previous_handler = signal.signal(signal.SIGTERM, raise_interrupted)
+    try:
+        files, conversations, rejected = _read_input(cfg)
+        if cfg.plan:
+            hardware, arguments = model.prepare(cfg)
+            return _print_plan(cfg, run_dir, hardware, arguments.load, conversations)
+        with RunDirLock(run_dir):
+            paths, kept = _open_run_dir(cfg, run_dir, files, conversations)
+            if rejected and not conversations and cfg.shard.count == 1:
+                _write_rejects(run_dir, rejected)
+                raise RunnerError(
+                    f"every line of the input was rejected ({len(rejected)}), listed in "
+                    f"{run_dir / REJECTED}: nothing to replay"
+                )
+            try:
+                return _run_locked(cfg, run_dir, files, paths, conversations, rejected, kept, started)
+            except (KeyboardInterrupt, Interrupted) as stop:  # before the replay began
+                summary = {
+                    "status": "interrupted",
+                    "records": len(kept),
+                    "records_kept_from_before": len(kept),
+                }
+                write_json_atomically(run_dir / "summary.json", summary)
+                raise _interrupted(stop, len(kept), run_dir) from None
+    except (KeyboardInterrupt, Interrupted) as stop:  # before the run dir was opened
+        raise _interrupted(stop, 0, run_dir) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _run_locked(
+    cfg: RunConfig,
+    run_dir: Path,
+    files: list[Path],
+    paths: dict[Path, Path],
+    conversations: list[Conversation],
+    rejected: list[Rejected],
+    kept: list[dict[str, Any]],
+    started: float,
+) -> dict[str, Any]:
+    """The run once its dir is held: check the template and memory, load, replay, summarise."""
     load_start = time.perf_counter()
     hardware, arguments = model.prepare(cfg)
-    if cfg.plan:
-        return _print_plan(cfg, run_dir, hardware, arguments.load, conversations)
     tokenizer = model.load_tokenizer(arguments.load)
     conversations, refused, context = _check_template(conversations, tokenizer, cfg)
     rejected += refused
     if rejected and cfg.input.on_error is OnError.fail:
         raise InputError([str(reject) for reject in rejected])
+    if rejected:
+        _write_rejects(run_dir, rejected)
     architecture = memory.architecture(cfg, arguments.load)
     memory_plan = _check_memory(cfg, hardware, architecture, conversations, context)
-    paths, kept = _open_run_dir(cfg, run_dir, files, rejected)
     _log_workload(cfg, conversations, files, kept)
 
     setup = EngineSetup(hardware, arguments, tokenizer, memory_plan.batch_rows)
@@ -105,12 +147,21 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     summary["wall_seconds"] = round(time.perf_counter() - started, 3)
     write_json_atomically(run_dir / "summary.json", summary)
     if replayed.stop is not None:
-        raise RunnerError(
-            f"interrupted ({type(replayed.stop).__name__}): {len(replayed.records)} record(s) complete in "
-            f"{run_dir}; continue with the same command plus hydra.run.dir={run_dir} resume=true"
-        )
+        raise _interrupted(replayed.stop, len(replayed.records), run_dir)
     _log_done(summary, replayed, run_dir)
     return summary
+
+
+def _write_rejects(run_dir: Path, rejected: list[Rejected]) -> None:
+    write_jsonl_atomically(run_dir / REJECTED, [reject.as_dict() for reject in rejected])
+    log.warning("%d bad line(s) skipped, listed in %s", len(rejected), run_dir / REJECTED)
+
+
+def _interrupted(stop: BaseException, records: int, run_dir: Path) -> RunnerError:
+    return RunnerError(
+        f"interrupted ({type(stop).__name__}): {records} record(s) complete in {run_dir}; "
+        f"continue with the same command plus hydra.run.dir={run_dir} resume=true"
+    )
 
 
 def _read_input(cfg: RunConfig) -> tuple[list[Path], list[Conversation], list[Rejected]]:
@@ -119,6 +170,8 @@ def _read_input(cfg: RunConfig) -> tuple[list[Path], list[Conversation], list[Re
     conversations, rejected = read_conversations(files, cfg.input.format, cfg.input.max_line_bytes)
     if rejected and cfg.input.on_error is OnError.fail:
         raise InputError([str(reject) for reject in rejected])
+    if not conversations and not rejected:
+        raise InputError([f"no conversations in {', '.join(str(path) for path in files)}"])
     if cfg.shard.count > 1:
         conversations = conversations[cfg.shard.index :: cfg.shard.count]
         log.info("shard %d of %d: %d conversation(s)", cfg.shard.index, cfg.shard.count, len(conversations))
@@ -126,17 +179,14 @@ def _read_input(cfg: RunConfig) -> tuple[list[Path], list[Conversation], list[Re
 
 
 def _open_run_dir(
-    cfg: RunConfig, run_dir: Path, files: list[Path], rejected: list[Rejected]
+    cfg: RunConfig, run_dir: Path, files: list[Path], conversations: list[Conversation]
 ) -> tuple[dict[Path, Path], list[dict[str, Any]]]:
-    """The chat file of each input file, what an earlier session of this run left (on resume), the
-    manifest, and the rejected lines."""
+    """The chat file of each input file, what an earlier session of this run left (on resume), and
+    the manifest."""
     paths = chat_paths(run_dir, files)
     run_manifest = manifest(config_record(cfg), files)
-    kept = _previous_records(cfg, run_dir, paths, run_manifest)
+    kept = _previous_records(cfg, run_dir, paths, run_manifest, conversations)
     write_json_atomically(run_dir / MANIFEST, run_manifest)
-    if rejected:
-        write_jsonl_atomically(run_dir / REJECTED, [reject.as_dict() for reject in rejected])
-        log.warning("%d bad line(s) skipped, listed in %s", len(rejected), run_dir / REJECTED)
     return paths, kept
 
 
@@ -196,10 +246,13 @@ def _replay(
     planned = samples * sum(replies_to_generate(c, cfg.replay.mode) for c in conversations)
     replayed = Replayed([_record_stats(record) for record in kept], len(kept), 0.0)
     start = time.perf_counter()
-    previous_handler = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
-        with ChatWriter(paths) as writer, tqdm(total=planned, unit="turn", disable=None) as progress:
-            progress.update(sum(len(turns) for turns, _ in replayed.records))
+        # Kept turns are the bar's starting count: its rate and ETA are this session's alone.
+        kept_turns = sum(len(turns) for turns, _ in replayed.records)
+        with (
+            ChatWriter(paths) as writer,
+            tqdm(total=planned, initial=kept_turns, unit="turn", disable=None) as progress,
+        ):
             for result in replay_all(
                 conversations,
                 chat_engine,
@@ -222,8 +275,6 @@ def _replay(
                     )
     except (KeyboardInterrupt, Interrupted) as interruption:
         replayed.status, replayed.stop = "interrupted", interruption
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
     replayed.seconds = time.perf_counter() - start
     return replayed
 
@@ -331,9 +382,14 @@ def _log_done(summary: dict[str, Any], replayed: Replayed, run_dir: Path) -> Non
 
 
 def _previous_records(
-    cfg: RunConfig, run_dir: Path, paths: dict[Path, Path], run_manifest: dict[str, Any]
+    cfg: RunConfig,
+    run_dir: Path,
+    paths: dict[Path, Path],
+    run_manifest: dict[str, Any],
+    conversations: list[Conversation],
 ) -> list[dict[str, Any]]:
-    """What an interrupted run left, when resuming; refuse to write over a run otherwise."""
+    """What an interrupted run left, when resuming (each record once, in input order); refuse to
+    write over a run otherwise."""
     existing = [path for path in dict.fromkeys(paths.values()) if path.exists()]
     if not cfg.resume:
         if existing or (run_dir / MANIFEST).exists():
@@ -341,8 +397,15 @@ def _previous_records(
                 f"{run_dir} already holds a run: add resume=true to continue it, or pick a new hydra.run.dir"
             )
         return []
+    if not (run_dir / MANIFEST).exists():
+        if existing:
+            raise RunnerError(f"{run_dir} holds chats but no {MANIFEST}: cannot tell which run wrote them")
+        log.info("resume=true: %s holds no records yet, so the run starts from the beginning", run_dir)
+        return []
     check_resumable(run_dir, run_manifest)
-    return [record for path in existing for record in completed_records(path)]
+    samples = cfg.generation.num_samples
+    order = {(str(c.id), s): i * samples + s for i, c in enumerate(conversations) for s in range(samples)}
+    return [record for path in existing for record in repair_order(path, completed_records(path), order)]
 
 
 def _record_stats(record: dict[str, Any]) -> tuple[tuple[Turn, ...], str | None]:
@@ -350,10 +413,6 @@ def _record_stats(record: dict[str, Any]) -> tuple[tuple[Turn, ...], str | None]
     replay = record["replay"]
     turns = tuple(Turn(**{key: turn[key] for key in Turn.__dataclass_fields__}) for turn in replay["turns"])
     return turns, replay["error"]["code"] if replay["error"] else None
-
-
-def _raise_interrupted(signum: int, frame: Any) -> None:
-    raise Interrupted(signal.Signals(signum).name)
 
 
 def _check_memory(
@@ -446,7 +505,9 @@ def _check_template(
             continue
         message = f"the model's chat template refuses this conversation: {tokens}"
         refused.append(
-            Rejected(conversation.source, conversation.line, conversation.id, "template_error", message, b"")
+            Rejected.of(
+                conversation.source, conversation.line, conversation.id, "template_error", message, b""
+            )
         )
     return accepted, refused, longest
 

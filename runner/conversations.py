@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -24,6 +25,9 @@ ROLES = ("system", "user", "assistant")
 RESERVED_KEYS = ("replay",)
 SYSTEM_FOLD_SEPARATOR = "\n\n"
 MAX_LINE_BYTES = 16 * 2**20
+# Nesting of lists and objects a line may have: deeper is a `too_deep` reject (JSON parsers and
+# our own writer recurse, and no conversation needs more).
+MAX_DEPTH = 100
 OPENAI_ROLES = {role: role for role in ROLES}
 SHAREGPT_ROLES = {
     "system": "system",
@@ -115,9 +119,15 @@ def _matching_files(path: str) -> list[Path]:
     return files
 
 
+# How much of a rejected line rejected.jsonl keeps (with the whole line's length and sha256), so
+# that many huge bad lines cost neither memory nor disk.
+RAW_PREFIX_BYTES = 4096
+
+
 @dataclass(frozen=True)
 class Rejected:
-    """A line that is not a valid conversation: where, why (a stable code and a message), and what."""
+    """A line that is not a valid conversation: where, why (a stable code and a message), and what:
+    the line's first RAW_PREFIX_BYTES bytes, its whole length and its sha256."""
 
     source: Path
     line: int
@@ -125,6 +135,16 @@ class Rejected:
     code: str
     message: str
     raw: bytes
+    raw_bytes: int = 0
+    raw_sha256: str = ""
+
+    @classmethod
+    def of(
+        cls, source: Path, line: int, id: str | int | None, code: str, message: str, raw: bytes
+    ) -> Rejected:
+        """A reject of the whole line `raw` (only its prefix is kept)."""
+        digest = hashlib.sha256(raw).hexdigest()
+        return cls(source, line, id, code, message, raw[:RAW_PREFIX_BYTES], len(raw), digest)
 
     def __str__(self) -> str:
         return f"{self.source}:{self.line}: {self.message}"
@@ -137,6 +157,8 @@ class Rejected:
             "code": self.code,
             "message": self.message,
             "raw": self.raw.decode("utf-8", errors="backslashreplace"),
+            "raw_bytes": self.raw_bytes,
+            "raw_sha256": self.raw_sha256,
         }
 
 
@@ -162,21 +184,22 @@ def read_conversations(
     rejected: list[Rejected] = []
     first_seen: dict[str, str] = {}
     for path in files:
-        for line_number, raw in _numbered_lines(path, max_line_bytes):
+        for line_number, raw, whole in _numbered_lines(path, max_line_bytes):
+            if whole is not None:  # longer than max_line_bytes: only its start was read
+                limit = f"input.max_line_bytes={max_line_bytes}"
+                message = f"line of {whole[0]} bytes, longer than {limit} (not parsed)"
+                reject = Rejected(path, line_number, None, "line_too_long", message, raw, *whole)
+                rejected.append(reject)
+                continue
             try:
-                if len(raw) > max_line_bytes:
-                    raise LineError(
-                        "line_too_long",
-                        f"line longer than input.max_line_bytes={max_line_bytes} bytes (not parsed)",
-                    )
                 conversation = parse_conversation(raw, path, line_number, form)
             except LineError as error:
-                rejected.append(Rejected(path, line_number, _id_of(raw), error.code, str(error), raw))
+                rejected.append(Rejected.of(path, line_number, _id_of(raw), error.code, str(error), raw))
                 continue
             key = str(conversation.id)
             if key in first_seen:
                 message = f"duplicate id {key!r} (first at {first_seen[key]})"
-                rejected.append(Rejected(path, line_number, conversation.id, "duplicate_id", message, raw))
+                rejected.append(Rejected.of(path, line_number, conversation.id, "duplicate_id", message, raw))
                 continue
             first_seen[key] = conversation.where
             conversations.append(conversation)
@@ -193,28 +216,39 @@ def _id_of(raw: bytes) -> str | int | None:
     return value if isinstance(value, str | int) and not isinstance(value, bool) else None
 
 
-def _numbered_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, bytes]]:
-    """Yield (1-based line number, raw bytes) for non-blank lines; split on b"\n" only.
+def _numbered_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, bytes, tuple[int, str] | None]]:
+    """Yield (1-based line number, raw bytes, None) for non-blank lines; split on b"\n" only.
 
     Binary reading keeps U+2028 and other Unicode line separators inside their record, a CRLF
     line end loses its "\r", and a UTF-8 byte-order mark at the start of the file is dropped. A
-    line longer than `max_line_bytes` is skipped in chunks (memory stays bounded) and yielded as
-    its first `max_line_bytes + 1` bytes, for the caller to reject.
+    line longer than `max_line_bytes` is read on in chunks (memory stays bounded) and yielded as
+    its first bytes with (its whole length, its sha256) in place of None, for the caller to reject.
     """
     with path.open("rb") as stream:
         line_number = 0
         while raw := stream.readline(max_line_bytes + 2):
             line_number += 1
-            if len(raw) == max_line_bytes + 2 and not raw.endswith(b"\n"):  # longer still: skip the rest
+            if len(raw) == max_line_bytes + 2 and not raw.endswith(b"\n"):  # longer still: read on
+                digest, length = hashlib.sha256(raw), len(raw)
                 while (rest := stream.readline(1 << 20)) and not rest.endswith(b"\n"):
-                    pass
-                yield line_number, raw[: max_line_bytes + 1]
+                    digest.update(rest)
+                    length += len(rest)
+                rest = rest.rstrip(b"\r\n")
+                digest.update(rest)
+                yield (
+                    line_number,
+                    raw[: min(max_line_bytes + 1, RAW_PREFIX_BYTES)],
+                    (
+                        length + len(rest),
+                        digest.hexdigest(),
+                    ),
+                )
                 continue
             if line_number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             raw = raw.rstrip(b"\r\n")
             if raw.strip():
-                yield line_number, raw
+                yield line_number, raw, None
 
 
 def parse_conversation(
@@ -229,6 +263,9 @@ def parse_conversation(
         record = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constants)
     except json.JSONDecodeError as error:
         raise LineError("invalid_json", f"invalid JSON: {error.msg} (column {error.colno})") from None
+    except RecursionError:
+        raise LineError("too_deep", f"nested deeper than {MAX_DEPTH} levels of lists and objects") from None
+    _check_writable(record)
     if not isinstance(record, dict):
         raise LineError("not_an_object", f"expected a JSON object, got {_json_type(record)}")
     for key in RESERVED_KEYS:
@@ -251,6 +288,36 @@ def parse_conversation(
     messages = _validate_order(FORMAT_PARSERS[form](record.get(messages_key), messages_key))
     extra = {key: value for key, value in record.items() if key not in ("id", messages_key)}
     return Conversation(conversation_id, messages, MappingProxyType(extra), source, line)
+
+
+def _check_writable(record: Any) -> None:
+    """Refuse now what could not be written out or read back later: nesting deeper than
+    MAX_DEPTH, and lone surrogates (UTF-8 cannot encode them) in any key or string value."""
+    pending = [(record, 1, "")]
+    while pending:
+        value, depth, where = pending.pop()
+        if depth > MAX_DEPTH:
+            raise LineError(
+                "too_deep", f"{where.lstrip('.')}: nested deeper than {MAX_DEPTH} levels of lists and objects"
+            )
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            at = f"{where}.{key}" if isinstance(value, dict) else f"{where}[{key}]"
+            if isinstance(key, str):
+                _check_encodable(key, f"key {at.lstrip('.')!r}")
+            if isinstance(item, dict | list):
+                pending.append((item, depth + 1, at))
+            elif isinstance(item, str):
+                _check_encodable(item, at.lstrip("."))
+
+
+def _check_encodable(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise LineError(
+            "lone_surrogate", f"{where}: holds a lone surrogate at character {error.start}"
+        ) from None
 
 
 def _detect_format(record: dict[str, Any]) -> InputFormat:
@@ -341,17 +408,11 @@ def _join_text_parts(where: str, parts: list[Any]) -> str:
 
 
 def _text(where: str, content: Any, key: str = "content") -> str:
-    """A message text: a non-empty string that UTF-8 can encode."""
+    """A message text: a non-empty string (its encoding was checked with the whole record)."""
     if not isinstance(content, str):
         raise LineError("invalid_content", f"{where}: {key!r} must be a string, got {_json_type(content)}")
     if not content.strip():
         raise LineError("empty_content", f"{where}: {key!r} is empty")
-    try:
-        content.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise LineError(
-            "lone_surrogate", f"{where}: {key!r} holds a lone surrogate at character {error.start}"
-        ) from None
     return content
 
 

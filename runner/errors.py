@@ -24,3 +24,14 @@ class InputError(RunnerError):
 
 class ModelLoadError(RunnerError):
     """A model or tokenizer that cannot be found, converted or loaded."""
+
+
+class Interrupted(Exception):
+    """SIGTERM arrived (SIGINT arrives as KeyboardInterrupt): the run ends as interrupted."""
+
+
+def raise_interrupted(signum: int, frame: object) -> None:
+    """A SIGTERM handler: stop the way Ctrl-C does, so the run can say what it kept."""
+    import signal
+
+    raise Interrupted(signal.Signals(signum).name)

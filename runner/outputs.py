@@ -3,19 +3,23 @@
 Layout (Hydra writes `.hydra/` and `chat-runner.log` beside these):
     chats/<input-file-stem>.jsonl   one completed conversation a line, in input order
     manifest.json                   the config and the input files' sha256, checked by resume
+    .lock                           held (flock) by the one process writing the dir; says its pid and host
     rejected.jsonl                  bad input lines, with input.on_error=skip
     summary.json                    config choices, counts, speed, memory, versions, hardware
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import re
 import resource
+import socket
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
@@ -40,6 +44,9 @@ PACKAGES = (
 
 MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
+LOCK = ".lock"
+
+log = logging.getLogger(__name__)
 
 _claimed_dirs: dict[str, str] = {}
 
@@ -117,6 +124,37 @@ def chat_record(replayed: ReplayedConversation, chat_template_sha256: str) -> di
             ],
         },
     }
+
+
+class RunDirLock:
+    """One writer per run dir: an exclusive `flock` on `<run dir>/.lock`, held for the run's whole
+    life. The OS drops it when the process ends, however it ends, so a killed run never leaves
+    its dir locked; a second run or resume of a held dir is refused at once, naming the holder."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self._descriptor: int | None = None
+
+    def __enter__(self) -> RunDirLock:
+        descriptor = os.open(self.run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(descriptor, 4096).decode(errors="replace").strip() or "another process"
+            os.close(descriptor)
+            raise RunnerError(
+                f"{self.run_dir} is in use by {holder}: one process writes a run dir at a time; wait for "
+                "it to end (or stop it), or pick another hydra.run.dir"
+            ) from None
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self._descriptor = descriptor
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._descriptor is not None:
+            os.close(self._descriptor)  # releases the lock
+            self._descriptor = None
 
 
 class ChatWriter:
@@ -199,8 +237,6 @@ def manifest(config: dict[str, Any], files: list[Path]) -> dict[str, Any]:
 def check_resumable(run_dir: Path, expected: dict[str, Any]) -> None:
     """Refuse to resume into `run_dir` unless its manifest matches this run's config and inputs."""
     path = run_dir / MANIFEST
-    if not path.exists():
-        raise RunnerError(f"resume=true but {path} does not exist: nothing to resume in {run_dir}")
     recorded = json.loads(path.read_text(encoding="utf-8"))
     differences = [
         f"config {key}: {old!r} then, {new!r} now"
@@ -248,6 +284,36 @@ def completed_records(path: Path) -> list[dict[str, Any]]:
             stream.truncate(whole)
             os.fsync(stream.fileno())
     return read_records(path)
+
+
+def repair_order(
+    path: Path, records: list[dict[str, Any]], order: dict[tuple[str, int], int]
+) -> list[dict[str, Any]]:
+    """A chats file's records once each, in input order: duplicates dropped and the order restored
+    (rewritten atomically, with a log line); a record of no conversation of this run is refused.
+
+    Args:
+        order: (str(id), sample) of each conversation sample of this run -> its place in input order.
+    """
+    unique: dict[tuple[str, int], dict[str, Any]] = {}
+    for line, record in enumerate(records, start=1):
+        key = (str(record["id"]), record["replay"]["sample"])
+        if key not in order:
+            raise RunnerError(
+                f"{path}:{line}: record {record['id']!r} (sample {key[1]}) is no conversation of this run's "
+                "input: the file was edited or comes from another run; cannot resume into it"
+            )
+        unique.setdefault(key, record)
+    repaired = sorted(unique.values(), key=lambda r: order[(str(r["id"]), r["replay"]["sample"])])
+    if repaired != records:
+        write_jsonl_atomically(path, repaired)
+        log.warning(
+            "repaired %s: %d duplicate record(s) dropped, %d record(s) held; input order restored",
+            path,
+            len(records) - len(unique),
+            len(repaired),
+        )
+    return repaired
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

@@ -52,7 +52,9 @@ def test_replay_end_to_end(quant, write_jsonl, tmp_path, embedded_dir):
         "summary.json",
         "manifest.json",
         "chat-runner.log",
+        ".lock",  # left in place, unlocked: the OS lock died with the process
     }
+    assert (run_dir / ".lock").read_text().startswith("pid ")
     assert {p.name for p in (run_dir / ".hydra").iterdir()} == {"config.yaml", "hydra.yaml", "overrides.yaml"}
     assert yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["quant"]["method"] == quant
 
@@ -220,14 +222,21 @@ def test_skip_mode_rejects_bad_lines_and_replays_the_rest(write_jsonl, tmp_path)
     assert summary["rejected"] == {"invalid_json": 1, "duplicate_id": 1}
 
 
-@pytest.mark.slow
-def test_empty_input_file_is_a_run_of_zero(tmp_path):
+def test_empty_input_is_an_error_before_the_model_loads(tmp_path):
     source = tmp_path / "empty.jsonl"
-    source.write_text("")
+    source.write_text("\n\n")
     done = run_cli(f"input.path={source}", f"hydra.run.dir={tmp_path / 'run'}")
-    assert done.returncode == 0, done.stderr
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert (summary["conversations"], summary["records"], summary["turns"]) == (0, 0, 0)
+    assert done.returncode == 1
+    assert f"no conversations in {source}" in done.stderr and "loading" not in done.stderr
+
+
+def test_an_input_whose_every_line_is_rejected_ends_before_loading(write_jsonl, tmp_path):
+    source = write_jsonl([b"{not json", b"[]"])
+    run_dir = tmp_path / "run"
+    done = run_cli("input.on_error=skip", f"input.path={source}", f"hydra.run.dir={run_dir}")
+    assert done.returncode == 1
+    assert "every line of the input was rejected (2)" in done.stderr and "loading" not in done.stderr
+    assert [r["code"] for r in read_jsonl(run_dir / "rejected.jsonl")] == ["invalid_json", "not_an_object"]
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -144,7 +145,15 @@ BAD_LINES = [
     (b'{"id": 1, "id": 2, "messages": [{"role": "user", "content": "q"}]}', "duplicate JSON key(s) ['id']"),
     (b'{"id": 1, "w": NaN, "messages": [{"role": "user", "content": "q"}]}', "NaN is not valid JSON"),
     (b'{"id": 1, "messages": [{"role": "user", "content": "caf\xe9"}]}', "not valid UTF-8 at byte 55"),
-    (b'{"id": 1, "messages": [{"role": "user", "content": "x\\ud800"}]}', "lone surrogate at character 1"),
+    (
+        b'{"id": 1, "messages": [{"role": "user", "content": "x\\ud800"}]}',
+        "messages[0].content: holds a lone surrogate at character 1",
+    ),
+    (b'{"id": "\\ud800", "messages": [{"role": "user", "content": "q"}]}', "id: holds a lone surrogate"),
+    (b'{"id": 1, "tag\\udfff": 1, "messages": [{"role": "user", "content": "q"}]}', "key 'tag\\udfff'"),
+    (b'{"id": 1, "meta": {"a": ["\\ud800"]}, "messages": []}', "meta.a[0]: holds a lone surrogate"),
+    (b'{"id": 1, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b', "messages": []}', "nested deeper than 100"),
+    (b'{"id": 1, "x": ' + b"[" * 101 + b"]" * 101 + b', "messages": []}', ": x[0][0]"),
     (json.dumps({**GOOD, "replay": {}}).encode(), "key 'replay' is reserved"),
 ]
 
@@ -193,6 +202,8 @@ def test_read_conversations_keeps_the_good_and_rejects_the_bad_with_codes(write_
         "code": "invalid_json",
         "message": "invalid JSON: Expecting property name enclosed in double quotes (column 2)",
         "raw": "{broken",
+        "raw_bytes": 7,
+        "raw_sha256": hashlib.sha256(b"{broken").hexdigest(),
     }
 
 
@@ -202,7 +213,23 @@ def test_a_huge_line_is_rejected_without_being_parsed(write_jsonl):
     conversations, [rejected] = read_conversations([path], max_line_bytes=1000)
     assert [c.id for c in conversations] == ["a", "after"]
     assert (rejected.line, rejected.code, len(rejected.raw)) == (2, "line_too_long", 1001)
-    assert "input.max_line_bytes=1000" in rejected.message
+    assert (rejected.raw_bytes, rejected.raw_sha256) == (len(huge), hashlib.sha256(huge).hexdigest())
+    assert f"line of {len(huge)} bytes, longer than input.max_line_bytes=1000" in rejected.message
+
+
+def test_rejects_keep_a_bounded_prefix_of_each_line(write_jsonl):
+    long_bad = b'{"id": 1, "messages": "' + b"x" * 20_000 + b'"}'
+    path = write_jsonl([GOOD, long_bad, long_bad.replace(b"x", b"y")])
+    _, rejected = read_conversations([path], max_line_bytes=10_000)
+    assert [r.code for r in rejected] == ["line_too_long", "line_too_long"]
+    assert all(len(r.raw) == 4096 and r.raw_bytes == len(long_bad) for r in rejected)
+    assert rejected[0].raw_sha256 != rejected[1].raw_sha256
+    [invalid] = read_conversations([path])[1][:1]
+    assert (invalid.code, len(invalid.as_dict()["raw"]), invalid.raw_bytes) == (
+        "no_messages",
+        4096,
+        len(long_bad),
+    )
 
 
 def test_input_path_file_directory_and_glob(tmp_path):

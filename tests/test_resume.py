@@ -159,3 +159,77 @@ def test_full_disk_is_a_clear_error_that_keeps_whole_records(reference, tmp_path
     kept = without_timings(chats(run_dir))  # every line on disk is a whole record
     assert 0 < len(kept) < 20 and kept == expected[: len(kept)]
     assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]  # no temp files left
+
+
+def test_two_resumes_at_once_one_runs_and_the_other_is_refused(reference, tmp_path):
+    source, expected = reference
+    run_dir = tmp_path / "run"
+    assert run(source, run_dir).returncode == 0
+    lines = chats(run_dir).read_bytes().splitlines(keepends=True)
+    chats(run_dir).write_bytes(b"".join(lines[:5]))  # a partial run dir, as a preempted job leaves it
+    racers = [
+        subprocess.Popen(
+            command(source, run_dir, "resume=true"), cwd=PROJECT, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outcomes = sorted((racer.wait(timeout=300), racer.stderr.read()) for racer in racers)
+    (won, _), (lost, refusal) = outcomes
+    assert (won, lost) == (0, 1)
+    assert f"{run_dir} is in use by pid " in refusal and "Traceback" not in refusal
+    assert without_timings(chats(run_dir)) == expected  # every conversation once, in input order
+    assert json.loads((run_dir / "summary.json").read_text())["records"] == 20
+
+
+def test_resume_repairs_a_duplicated_or_reordered_record_and_refuses_a_foreign_one(reference, tmp_path):
+    source, expected = reference
+    run_dir = tmp_path / "run"
+    assert run(source, run_dir).returncode == 0
+    lines = chats(run_dir).read_bytes().splitlines(keepends=True)
+    chats(run_dir).write_bytes(b"".join([lines[1], lines[0], lines[2], lines[2], *lines[3:6]]))
+    repaired = run(source, run_dir, "resume=true")
+    assert repaired.returncode == 0, repaired.stderr
+    assert "1 duplicate record(s) dropped, 6 record(s) held; input order restored" in repaired.stderr
+    assert without_timings(chats(run_dir)) == expected
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["records"], summary["records_kept_from_before"]) == (20, 6)
+
+    foreign = json.loads(lines[0])
+    foreign["id"] = "evil"
+    with chats(run_dir).open("a") as stream:
+        stream.write(json.dumps(foreign) + "\n")
+    refused = run(source, run_dir, "resume=true")
+    assert refused.returncode == 1
+    assert f"{chats(run_dir)}:21: record 'evil' (sample 0) is no conversation of this run's input" in (
+        refused.stderr
+    )
+
+
+@pytest.mark.parametrize("after", [0.5, 1.5, 3.0])
+def test_a_run_killed_at_any_moment_resumes(reference, tmp_path, after):
+    source, expected = reference
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(command(source, run_dir), cwd=PROJECT, stderr=subprocess.DEVNULL)
+    time.sleep(after)
+    process.kill()
+    process.wait(timeout=60)
+    done = run(source, run_dir, "resume=true")  # what a SLURM requeue runs
+    assert done.returncode == 0, done.stderr
+    assert without_timings(chats(run_dir)) == expected
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM])
+def test_an_early_signal_gives_the_interrupted_summary_without_a_traceback(reference, tmp_path, how):
+    source, expected = reference
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(command(source, run_dir), cwd=PROJECT, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (run_dir / "manifest.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(how)  # while the model loads
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert "Traceback" not in stderr and f"hydra.run.dir={run_dir} resume=true" in stderr
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    assert run(source, run_dir, "resume=true").returncode == 0
+    assert without_timings(chats(run_dir)) == expected
