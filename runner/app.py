@@ -193,14 +193,17 @@ def _open_run_dir(
 def _log_workload(
     cfg: RunConfig, conversations: list[Conversation], files: list[Path], kept: list[dict[str, Any]]
 ) -> None:
-    planned = cfg.generation.num_samples * sum(replies_to_generate(c, cfg.replay.mode) for c in conversations)
     log.info(
         "%d conversation(s) from %d file(s): %d replies to generate%s",
         len(conversations),
         len(files),
-        planned,
+        _planned_replies(cfg, conversations),
         f"; resuming with {len(kept)} record(s) kept" if cfg.resume else "",
     )
+
+
+def _planned_replies(cfg: RunConfig, conversations: list[Conversation]) -> int:
+    return cfg.generation.num_samples * sum(replies_to_generate(c, cfg.replay.mode) for c in conversations)
 
 
 def _load_engine(
@@ -242,8 +245,7 @@ def _replay(
     """Replay into the chat files, each record appended and flushed as it completes; SIGTERM and
     Ctrl-C end it early with what is complete kept."""
     done = {(str(record["id"]), record["replay"]["sample"]) for record in kept}
-    samples = cfg.generation.num_samples
-    planned = samples * sum(replies_to_generate(c, cfg.replay.mode) for c in conversations)
+    planned = _planned_replies(cfg, conversations)
     replayed = Replayed([_record_stats(record) for record in kept], len(kept), 0.0)
     start = time.perf_counter()
     try:
@@ -258,7 +260,7 @@ def _replay(
                 chat_engine,
                 cfg.replay.mode,
                 run_seed=cfg.generation.seed,
-                samples=samples,
+                samples=cfg.generation.num_samples,
                 done=done,
                 on_turn=lambda _turn: progress.update(),
             ):

@@ -229,12 +229,14 @@ def replay_conversation(
     conversation: Conversation, engine: Engine, mode: ReplayMode, *, run_seed: int, sample: int = 0
 ) -> ReplayedConversation:
     """Replay one conversation alone, turn after turn."""
-    [result] = replay_all(
-        [conversation],
-        engine,
-        mode,
-        run_seed=run_seed,
-        samples=sample + 1,
-        done={(str(conversation.id), s) for s in range(sample)},
+    replay = ConversationReplay(
+        conversation, mode, run_seed=run_seed, sample=sample, fold=not engine.supports_system_role
     )
-    return result
+    while not replay.done:
+        engine.submit(replay.pending)
+        outcomes = []
+        while not outcomes:
+            outcomes = engine.step()
+        [(_, outcome)] = outcomes
+        replay.record(outcome)
+    return replay.result()
