@@ -348,7 +348,11 @@ def _summary(
             speed,
         ),
         "peak_memory": {"rss_bytes": peak_rss_bytes(), "cuda_bytes": hardware_info.accelerator_peak_bytes()},
-        "environment": {**environment(), "gpus": hardware_info.accelerator_names()},
+        "environment": {
+            **environment(),
+            "gpus": hardware_info.accelerator_names(),
+            "torch_threads": hardware_info.torch_threads(),
+        },
     }
 
 

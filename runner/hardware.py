@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import platform
 import statistics
 import time
@@ -15,6 +17,8 @@ from accelerate.utils import convert_file_size_to_int
 
 from runner.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Hardware:
@@ -24,6 +28,24 @@ class Hardware:
     cuda_bf16: bool = False
     cuda_free: tuple[int, ...] = ()  # free bytes of each GPU
     cpu_free: int = 0  # available RAM in bytes
+
+
+def granted_cpus() -> tuple[int, str]:
+    """The CPUs this process was granted, and by what: SLURM's SLURM_CPUS_PER_TASK, else the
+    process's CPU affinity (taskset, cgroups' cpusets). Not the machine's core count."""
+    granted = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if granted.isdigit() and int(granted) > 0:
+        return int(granted), "SLURM_CPUS_PER_TASK"
+    return len(os.sched_getaffinity(0)), "the process's CPU affinity"
+
+
+def use_granted_cpus() -> int:
+    """Size torch's CPU threads to the CPUs granted (torch's default, every core of the machine,
+    oversubscribes a shared node: two 1-CPU jobs on 2 cores each ran 10x slower); log it."""
+    threads, source = granted_cpus()
+    torch.set_num_threads(threads)
+    log.info("torch uses %d CPU thread(s), from %s", threads, source)
+    return threads
 
 
 def detect_hardware() -> Hardware:
@@ -65,6 +87,11 @@ def memory_bandwidth(device: str, cache_dir: Path) -> float:
     cache_dir.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps({"device": device, "bytes_per_second": bandwidth}))
     return bandwidth
+
+
+def torch_threads() -> int:
+    """The CPU threads torch computes with."""
+    return torch.get_num_threads()
 
 
 def accelerator_peak_bytes() -> int | None:

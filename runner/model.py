@@ -8,7 +8,7 @@ from typing import Any
 
 from runner.arguments import TransformersArguments, transformers_arguments
 from runner.errors import ConfigError, ModelLoadError
-from runner.hardware import Hardware, detect_hardware, planned_gpus
+from runner.hardware import Hardware, detect_hardware, planned_gpus, use_granted_cpus
 from runner.memory import draft_model, embedded_dir
 from runner.schema import RunConfig
 
@@ -16,7 +16,9 @@ log = logging.getLogger(__name__)
 
 
 def prepare(cfg: RunConfig) -> tuple[Hardware, TransformersArguments]:
-    """Detect the hardware, convert an embedded model once if needed, and translate the config."""
+    """Detect the hardware (sizing torch's CPU threads to the CPUs granted), convert an embedded
+    model once if needed, and translate the config."""
+    use_granted_cpus()
     hardware = detect_hardware()
     if cfg.plan_gpus:
         hardware = planned_gpus(cfg.plan_gpus)

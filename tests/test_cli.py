@@ -307,3 +307,33 @@ def test_chat_template_refusals_are_reported_per_conversation_before_loading(
     [rejected] = read_jsonl(tmp_path / "skip" / "rejected.jsonl")
     assert (rejected["line"], rejected["id"], rejected["code"]) == (2, "bad", "template_error")
     assert [r["id"] for r in read_jsonl(tmp_path / "skip" / "chats" / "chats.jsonl")] == ["persona", 2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("prefix", "environment", "source"),
+    [
+        (["taskset", "-c", "0"], {}, "the process's CPU affinity"),
+        ([], {"SLURM_CPUS_PER_TASK": "1"}, "SLURM_CPUS_PER_TASK"),
+    ],
+)
+def test_torch_threads_follow_the_cpus_granted(write_jsonl, tmp_path, prefix, environment, source):
+    if prefix and shutil.which(prefix[0]) is None:
+        pytest.skip("taskset is not installed")
+    run_dir = tmp_path / "run"
+    arguments = [
+        f"input.path={write_jsonl(INPUT[:1])}",
+        "generation.max_new_tokens=2",
+        f"hydra.run.dir={run_dir}",
+    ]
+    done = subprocess.run(
+        [*prefix, sys.executable, "-m", "runner", *arguments],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **environment},
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"torch uses 1 CPU thread(s), from {source}" in done.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["environment"]["torch_threads"] == 1
