@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from runner import hardware as hardware_info
 from runner import memory, model
 from runner.arguments import resolve_batch_size
@@ -40,6 +38,7 @@ from runner.outputs import (
     write_jsonl_atomically,
 )
 from runner.plan import MemoryPlan
+from runner.progress import Progress
 from runner.replay import Turn, final_shape, replay_all, replies_to_generate
 from runner.schema import ArchitectureConfig, EngineKind, ModelSource, OnError, RunConfig, config_record
 
@@ -58,6 +57,7 @@ class Replayed:
     seconds: float
     status: str = "completed"
     stop: BaseException | None = None
+    digests: dict[Path, list[str]] = dataclasses.field(default_factory=dict)  # per chats file
 
     @property
     def new_turns(self) -> list[Turn]:
@@ -249,12 +249,16 @@ def _replay(
     replayed = Replayed([_record_stats(record) for record in kept], len(kept), 0.0)
     start = time.perf_counter()
     try:
-        # Kept turns are the bar's starting count: its rate and ETA are this session's alone.
+        # Kept turns are progress's starting count: its rates and ETA are this session's alone.
         kept_turns = sum(len(turns) for turns, _ in replayed.records)
         with (
             ChatWriter(paths) as writer,
-            tqdm(total=planned, initial=kept_turns, unit="turn", disable=None) as progress,
+            Progress(planned, kept_turns) as progress,
         ):
+            replayed.digests = writer.digests
+            source_of = {str(c.id): c.source for c in conversations}
+            for record in kept:
+                writer.keep(paths[source_of[str(record["id"])]], record)
             for result in replay_all(
                 conversations,
                 chat_engine,
@@ -262,7 +266,7 @@ def _replay(
                 run_seed=cfg.generation.seed,
                 samples=cfg.generation.num_samples,
                 done=done,
-                on_turn=lambda _turn: progress.update(),
+                on_turn=progress.update,
             ):
                 writer.write(
                     result.conversation.source, chat_record(result, chat_engine.chat_template_sha256)
@@ -353,6 +357,10 @@ def _summary(
             "gpus": hardware_info.accelerator_names(),
             "torch_threads": hardware_info.torch_threads(),
         },
+        # sha256 of each record's canonical JSON, in file order, as written: merge checks them.
+        "record_sha256": {
+            str(path.relative_to(run_dir)): digests for path, digests in replayed.digests.items() if digests
+        },
     }
 
 
@@ -377,14 +385,25 @@ def _log_done(summary: dict[str, Any], replayed: Replayed, run_dir: Path) -> Non
             speculative["tokens_per_forward_pass"],
         )
     log.info(
-        "done: %d conversation(s), %d turn(s), %d tokens in %.1f s (%.1f tokens/s); outputs in %s",
+        "done: %d conversation(s), %d turn(s) (finish reasons: %s), errors: %s, rejected lines: %s; "
+        "%d new tokens in %.1f s (%.1f tokens/s)",
         summary["conversations"],
-        len(replayed.new_turns),
+        summary["turns"],
+        _counts(summary["finish_reasons"]),
+        _counts(summary["errors"]),
+        _counts(summary["rejected"]),
         sum(turn.new_tokens for turn in replayed.new_turns),
         summary["replay_seconds"],
         summary["tokens_per_second"],
-        run_dir,
     )
+    log.info("outputs: %s", run_dir)
+    log.info("read them: python -m runner.view %s", run_dir)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    """'length 5, eos 4' (largest first), or 'none'."""
+    ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return ", ".join(f"{key} {count}" for key, count in ordered) or "none"
 
 
 def _previous_records(

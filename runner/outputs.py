@@ -157,13 +157,29 @@ class RunDirLock:
             self._descriptor = None
 
 
+def record_sha256(record: dict[str, Any]) -> str:
+    """A record's digest: sha256 over its canonical JSON (sorted keys, no spaces, UTF-8), so that
+    rewriting a file (resume's repair) keeps it and any edit of a value changes it."""
+    canonical = json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
 class ChatWriter:
     """Appends each record to its chats file as one write, then fsyncs: a crash loses at most the
-    conversation in flight, and a line is either whole or the torn tail that resume cuts off."""
+    conversation in flight, and a line is either whole or the torn tail that resume cuts off.
+
+    `digests` holds each chats file's record digests in file order, as written (records kept from
+    an earlier session first, given by `keep`): summary.json records them, and merge checks them.
+    """
 
     def __init__(self, paths: dict[Path, Path]):
         self._paths = paths
         self._files: dict[Path, int] = {}
+        self.digests: dict[Path, list[str]] = {path: [] for path in paths.values()}
+
+    def keep(self, path: Path, record: dict[str, Any]) -> None:
+        """Count a record an earlier session of this run wrote to `path`."""
+        self.digests[path].append(record_sha256(record))
 
     def write(self, source: Path, record: dict[str, Any]) -> None:
         path = self._paths[source]
@@ -181,6 +197,7 @@ class ChatWriter:
         except OSError as error:
             os.ftruncate(descriptor, end)  # leave whole records only
             raise RunnerError(f"could not write {path}: {error.strerror or error}") from error
+        self.digests[path].append(record_sha256(record))
 
     def close(self) -> None:
         for descriptor in self._files.values():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -237,6 +238,41 @@ def test_an_input_whose_every_line_is_rejected_ends_before_loading(write_jsonl, 
     assert done.returncode == 1
     assert "every line of the input was rejected (2)" in done.stderr and "loading" not in done.stderr
     assert [r["code"] for r in read_jsonl(run_dir / "rejected.jsonl")] == ["invalid_json", "not_an_object"]
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs filled to the last byte (needs root, as on this project's machines)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    try:
+        with (mount / "filler").open("wb") as stream, contextlib.suppress(OSError):
+            stream.write(b"\0" * 2**20)
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_an_unwritable_run_dir_or_a_full_disk_is_one_line_before_anything_starts(full_disk):
+    run, sweep = full_disk / "run", full_disk / "sweep"
+    for args, expected in [
+        (
+            ["hydra.run.dir=/proc/no/run"],
+            "error: cannot write the run dir /proc/no/run (hydra.run.dir): No such file or directory",
+        ),
+        (
+            [f"hydra.run.dir={run}"],
+            f"error: cannot write the run dir {run} (hydra.run.dir): No space left on device",
+        ),
+        (
+            ["-m", f"hydra.sweep.dir={sweep}"],
+            f"error: cannot write the sweep dir {sweep} (hydra.sweep.dir): No space left on device",
+        ),
+    ]:
+        done = run_cli(*args, "generation.max_new_tokens=2")
+        assert (done.returncode, done.stderr.strip()) == (1, expected)
 
 
 @pytest.mark.slow

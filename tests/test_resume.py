@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import resource
 import shutil
 import signal
@@ -193,6 +194,16 @@ def test_resume_repairs_a_duplicated_or_reordered_record_and_refuses_a_foreign_o
     assert without_timings(chats(run_dir)) == expected
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["records"], summary["records_kept_from_before"]) == (20, 6)
+    # Progress (logged, stderr not being a terminal) starts from the 12 kept turns, and its rate
+    # counts only this session's turns: rate x seconds is the new turns, not new + kept.
+    progress = re.findall(
+        r"replay: (\d+)/40 turns \(12 kept\), (\d+) new in ([\d.]+) s, ([\d.]+) turns/s", repaired.stderr
+    )
+    assert progress and progress[-1][:2] == ("40", "28")
+    for done, new, seconds, rate in progress:
+        assert int(done) == 12 + int(new)
+        assert abs(float(rate) * float(seconds) - int(new)) <= 1 + 0.05 * float(rate)
+    assert f"read them: python -m runner.view {run_dir}" in repaired.stderr
 
     foreign = json.loads(lines[0])
     foreign["id"] = "evil"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from conftest import PROJECT, chat
 
 from runner.errors import RunnerError
 from runner.merge import merge
+from runner.outputs import manifest, record_sha256
 
 FIVE = [chat(f"q{i}", ("user", f"Count to {i + 2}."), ("user", "Again, backwards.")) for i in range(5)]
 
@@ -63,6 +65,39 @@ def test_sharded_sweep_merges_into_what_one_run_writes(write_jsonl, tmp_path):
         tmp_path / "single" / "chats" / "five.jsonl"
     )
 
+    # The shards as a user's bad day leaves them: each spoiled copy is refused, naming what is wrong.
+    spoils = {
+        "a line deleted": (lambda chats: drop_line(chats, 1), "is short: it lacks 1 record(s): 'q1'"),
+        "the chats file deleted": (lambda chats: chats.unlink(), "is missing: it should hold 2 record(s)"),
+        "a foreign record": (
+            lambda chats: append_line(chats, {**json.loads(chats.read_text().splitlines()[0]), "id": "evil"}),
+            "five.jsonl:3: conversation 'evil' (sample 0) is not one that shard.index 1 of 2 owns",
+        ),
+        "a reply edited": (
+            edit_reply,
+            "five.jsonl:1: conversation 'q1' (sample 0) is not as the run wrote it",
+        ),
+    }
+    for name, (spoil, message) in spoils.items():
+        copy = tmp_path / name.replace(" ", "_")
+        shutil.copytree(jobs[1], copy)
+        spoil(copy / "chats" / "five.jsonl")
+        refused = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "runner.merge",
+                str(tmp_path / f"out_{copy.name}"),
+                str(jobs[0]),
+                str(copy),
+            ],
+            cwd=PROJECT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert refused.returncode == 1 and message in refused.stderr, (name, refused.stderr)
+
 
 @pytest.mark.slow
 def test_a_failing_job_does_not_stop_the_sweep(write_jsonl, tmp_path):
@@ -101,27 +136,41 @@ def test_a_failing_job_does_not_stop_the_sweep(write_jsonl, tmp_path):
     assert again.returncode == 0 and "2 job(s)" in again.stdout and (tmp_path / "report.csv").exists()
 
 
-def fake_shard(root: Path, index: int, count: int, ids: list[str], **changes) -> Path:
-    """A finished shard's run dir as the runner writes it (config trimmed to what merge reads)."""
-    shard = root / f"shard{index}"
+FOUR = [chat(f"q{i}", ("user", f"Question {i}.")) for i in range(1, 5)]
+
+
+def fake_shard(source: Path, index: int, count: int, **changes) -> Path:
+    """A finished shard of a run over `source` as the runner writes it: manifest, summary with the
+    record digests, and the conversations its index owns (config trimmed to what merge reads)."""
+    shard = changes.get("root", source.parent) / f"shard{index}"
     (shard / "chats").mkdir(parents=True)
-    config = {"model": {"name": "m"}, "shard": {"index": index, "count": count}, **changes.get("config", {})}
-    inputs = changes.get("inputs", [{"path": "in.jsonl", "sha256": "ab"}])
-    (shard / "manifest.json").write_text(json.dumps({"config": config, "inputs": inputs}))
+    config = {
+        "model": {"name": "m"},
+        "input": {"format": "auto", "max_line_bytes": 2**20},
+        "generation": {"num_samples": 1},
+        "shard": {"index": index, "count": count},
+        **changes.get("config", {}),
+    }
+    (shard / "manifest.json").write_text(json.dumps(manifest(config, [source])))
+    owned = [json.loads(line) for line in source.read_text().splitlines()][index::count]
+    lines = [
+        {**conversation, "replay": {"line": int(conversation["id"][1:]), "sample": 0, "turns": []}}
+        for conversation in owned
+    ]
     summary = {
         "status": changes.get("status", "completed"),
-        "turns": len(ids),
-        "generated_tokens": 3 * len(ids),
+        "turns": len(lines),
+        "generated_tokens": 3 * len(lines),
+        "record_sha256": {"chats/in.jsonl": [record_sha256(line) for line in lines]},
     }
     (shard / "summary.json").write_text(json.dumps(summary))
-    lines = [{"id": i, "messages": [], "replay": {"line": int(i[1:]), "sample": 0, "turns": []}} for i in ids]
     (shard / "chats" / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return shard
 
 
-def test_merge_orders_records_by_input_line(tmp_path):
-    shards = [fake_shard(tmp_path, 0, 2, ["q1", "q3"]), fake_shard(tmp_path, 1, 2, ["q2", "q4"])]
-    summary = merge(shards, tmp_path / "out")
+def test_merge_orders_records_by_input_line(write_jsonl, tmp_path):
+    source = write_jsonl(FOUR, name="in.jsonl")
+    summary = merge([fake_shard(source, 0, 2), fake_shard(source, 1, 2)], tmp_path / "out")
     merged = [
         json.loads(line)["id"] for line in (tmp_path / "out" / "chats" / "in.jsonl").read_text().splitlines()
     ]
@@ -129,28 +178,84 @@ def test_merge_orders_records_by_input_line(tmp_path):
     assert (summary["records"], summary["turns"], summary["status"]) == (4, 4, "merged")
 
 
+def drop_line(path: Path, number: int) -> None:
+    lines = path.read_text().splitlines(keepends=True)
+    del lines[number - 1]
+    path.write_text("".join(lines))
+
+
+def append_line(path: Path, record: dict) -> None:
+    with path.open("a") as stream:
+        stream.write(json.dumps(record) + "\n")
+
+
+def edit_reply(path: Path) -> None:
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    records[0]["messages"][-1]["content"] += " (edited)"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        (
+            lambda chats: drop_line(chats, 2),
+            "shard1/chats/in.jsonl is short: it lacks",
+        ),
+        (
+            lambda chats: chats.unlink(),
+            "shard1/chats/in.jsonl is missing: it should",
+        ),
+        (
+            lambda chats: append_line(chats, {"id": "evil", "replay": {"sample": 0}}),
+            "shard1/chats/in.jsonl:3: conversation 'evil' (sample 0) is not one that shard.index 1 of 2 owns",
+        ),
+        (
+            lambda chats: append_line(chats, json.loads(chats.read_text().splitlines()[0])),
+            "shard1/chats/in.jsonl:3: conversation 'q2' (sample 0) is held twice (first at line 1)",
+        ),
+        (edit_reply, "shard1/chats/in.jsonl:1: conversation 'q2' (sample 0) is not as the run wrote it"),
+        (
+            lambda chats: chats.with_name("other.jsonl").write_text(""),
+            "shard1/chats/other.jsonl is no chats file of this run's inputs",
+        ),
+    ],
+)
+def test_merge_refuses_a_short_foreign_duplicated_or_edited_shard(write_jsonl, tmp_path, spoil, message):
+    source = write_jsonl(FOUR, name="in.jsonl")
+    first, second = fake_shard(source, 0, 2), fake_shard(source, 1, 2)
+    spoil(second / "chats" / "in.jsonl")
+    with pytest.raises(RunnerError, match=re.escape(message)):
+        merge([first, second], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("second", "message"),
     [
-        (
-            {"index": 1, "ids": ["q2"], "status": "interrupted"},
-            "is incomplete (status 'interrupted'): resume it first",
-        ),
-        ({"index": 1, "ids": ["q1"]}, "conversation 'q1' (sample 0) is in both"),
-        ({"index": 0, "ids": ["q2"]}, "shards are not one full set: shard.count [2], shard.index [0, 0]"),
-        (
-            {"index": 1, "ids": ["q2"], "inputs": [{"path": "in.jsonl", "sha256": "cd"}]},
-            "replayed other inputs",
-        ),
-        ({"index": 1, "ids": ["q2"], "config": {"model": {"name": "other"}}}, "ran another config"),
+        ({"index": 1, "status": "interrupted"}, "is incomplete (status 'interrupted'): resume it first"),
+        ({"index": 0}, "shards are not one full set: shard.count [2], shard.index [0, 0]"),
+        ({"index": 1, "config": {"model": {"name": "other"}}}, "ran another config"),
     ],
 )
-def test_merge_refuses_incomplete_overlapping_or_mismatched_shards(tmp_path, second, message):
-    first = fake_shard(tmp_path / "a", 0, 2, ["q1"])
-    other = fake_shard(tmp_path / "b", second.pop("index"), 2, second.pop("ids"), **second)
+def test_merge_refuses_incomplete_or_mismatched_shards(write_jsonl, tmp_path, second, message):
+    source = write_jsonl(FOUR, name="in.jsonl")
+    first = fake_shard(source, 0, 2)
+    other = fake_shard(source, second.pop("index"), 2, root=tmp_path / "b", **second)
     with pytest.raises(RunnerError, match=re.escape(message)):
         merge([first, other], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_refuses_inputs_that_changed_since_the_shards_ran(write_jsonl, tmp_path):
+    source = write_jsonl(FOUR, name="in.jsonl")
+    shards = [fake_shard(source, 0, 2), fake_shard(source, 1, 2)]
+    write_jsonl(FOUR[:3], name="in.jsonl")
+    with pytest.raises(RunnerError, match=r"input .*in\.jsonl changed since the shards ran"):
+        merge(shards, tmp_path / "out")
+    source.unlink()
+    with pytest.raises(RunnerError, match=r"input .*in\.jsonl .* is not found from"):
+        merge(shards, tmp_path / "out")
 
 
 @pytest.mark.slow
