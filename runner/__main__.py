@@ -1,6 +1,7 @@
 """`python -m runner [group=option ...] [key=value ...]`: compose the config and run the replay."""
 
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from runner.errors import ConfigError, Interrupted, RunnerError, raise_interrupted
+from runner.errors import ConfigError, Interrupted, RunInterrupted, RunnerError, raise_interrupted
 from runner.outputs import safe_name, unique_dir
 from runner.schema import refuse_secrets, register_configs, to_run_config
 
@@ -21,15 +22,24 @@ OmegaConf.register_new_resolver("safe_name", safe_name)
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from runner.app import run  # imports torch: kept out of --help and --cfg
-
     try:
+        from runner.app import run  # imports torch: kept out of --help and --cfg
+
         run(to_run_config(cfg), Path(HydraConfig.get().runtime.output_dir))
     except RunnerError as error:
         logging.getLogger("runner").error("%s", error)
-        if HydraConfig.get().mode is RunMode.MULTIRUN:
-            raise  # this job fails; the sweep's other jobs still run
-        sys.exit(1)
+        if HydraConfig.get().mode is not RunMode.MULTIRUN:
+            sys.exit(1)
+        if isinstance(error, RunInterrupted) and os.environ.get("SUBMITIT_FOLDER"):
+            # A cluster job stopped by a signal (preempted, requeued, cancelled): no result, so that
+            # the submitting command waits for the requeued attempt, or reports the job as ended.
+            sys.exit(1)
+        # Otherwise this job has failed, which its run dir and log say; the sweep's other jobs
+        # still run, and the sweep's end lists every job's status (runner.report.ReportCallback).
+    except Exception as error:  # a bug, or the cluster ending the job (submitit's UncompletedJobError)
+        if HydraConfig.get().mode is not RunMode.MULTIRUN:
+            raise
+        logging.getLogger("runner").exception("%s: %s", type(error).__name__, error)
 
 
 if __name__ == "__main__":

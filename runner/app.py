@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import signal
 import time
 from collections import Counter
@@ -20,7 +21,7 @@ from runner.conversations import Conversation, Rejected, read_conversations, res
 from runner.engines import EngineSetup, build_engine
 from runner.engines.chat import template_supports_system_role, template_tokens
 from runner.engines.protocol import Engine
-from runner.errors import InputError, Interrupted, RunnerError, raise_interrupted
+from runner.errors import InputError, Interrupted, RunInterrupted, RunnerError, raise_interrupted
 from runner.outputs import (
     MANIFEST,
     REJECTED,
@@ -146,6 +147,8 @@ def _run_locked(
     )
     summary["wall_seconds"] = round(time.perf_counter() - started, 3)
     write_json_atomically(run_dir / "summary.json", summary)
+    if replayed.status == "failed":
+        raise replayed.stop
     if replayed.stop is not None:
         raise _interrupted(replayed.stop, len(replayed.records), run_dir)
     _log_done(summary, replayed, run_dir)
@@ -157,8 +160,8 @@ def _write_rejects(run_dir: Path, rejected: list[Rejected]) -> None:
     log.warning("%d bad line(s) skipped, listed in %s", len(rejected), run_dir / REJECTED)
 
 
-def _interrupted(stop: BaseException, records: int, run_dir: Path) -> RunnerError:
-    return RunnerError(
+def _interrupted(stop: BaseException, records: int, run_dir: Path) -> RunInterrupted:
+    return RunInterrupted(
         f"interrupted ({type(stop).__name__}): {records} record(s) complete in {run_dir}; "
         f"continue with the same command plus hydra.run.dir={run_dir} resume=true"
     )
@@ -281,6 +284,8 @@ def _replay(
                     )
     except (KeyboardInterrupt, Interrupted) as interruption:
         replayed.status, replayed.stop = "interrupted", interruption
+    except Exception as error:  # the summary still says what is complete, and why the run ended
+        replayed.status, replayed.stop = "failed", error
     replayed.seconds = time.perf_counter() - start
     return replayed
 
@@ -308,6 +313,7 @@ def _summary(
     bandwidth = hardware_info.memory_bandwidth(loaded.description["device"], Path(cfg.cache_dir).expanduser())
     return {
         "status": replayed.status,
+        "error": f"{type(replayed.stop).__name__}: {replayed.stop}" if replayed.status == "failed" else None,
         "model": {
             "name": cfg.model.name,
             "source": cfg.model.source.value,
@@ -416,7 +422,10 @@ def _previous_records(
     """What an interrupted run left, when resuming (each record once, in input order); refuse to
     write over a run otherwise."""
     existing = [path for path in dict.fromkeys(paths.values()) if path.exists()]
-    if not cfg.resume:
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    if not cfg.resume and restarts and (run_dir / MANIFEST).exists():
+        log.info("SLURM requeued this job (restart %d): resuming its run dir %s", restarts, run_dir)
+    elif not cfg.resume:
         if existing or (run_dir / MANIFEST).exists():
             raise RunnerError(
                 f"{run_dir} already holds a run: add resume=true to continue it, or pick a new hydra.run.dir"

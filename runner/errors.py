@@ -26,6 +26,10 @@ class ModelLoadError(RunnerError):
     """A model or tokenizer that cannot be found, converted or loaded."""
 
 
+class RunInterrupted(RunnerError):
+    """The run stopped on a signal with its complete records kept: resume it to go on."""
+
+
 class Interrupted(Exception):
     """SIGTERM arrived (SIGINT arrives as KeyboardInterrupt): the run ends as interrupted."""
 

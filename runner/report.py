@@ -48,7 +48,11 @@ def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def _row(job: Path) -> dict[str, Any]:
-    overrides = OmegaConf.to_container(OmegaConf.load(job / ".hydra" / "overrides.yaml"))
+    overrides = [
+        override  # the user's overrides: the `resume=true` a requeued attempt adds is no choice of theirs
+        for override in OmegaConf.to_container(OmegaConf.load(job / ".hydra" / "overrides.yaml"))
+        if override.split("=", 1)[0].lstrip("+~") != "resume"
+    ]
     config = OmegaConf.to_container(OmegaConf.load(job / ".hydra" / "config.yaml"))
     row = {
         "job": job.name,
@@ -62,15 +66,16 @@ def _row(job: Path) -> dict[str, Any]:
     if not summary_path.exists():
         return {**row, "status": "failed", "error": _last_error(job)}
     summary = json.loads(summary_path.read_text())
-    peak = summary["peak_memory"]["cuda_bytes"] or summary["peak_memory"]["rss_bytes"]
+    peak_memory = summary.get("peak_memory")  # absent when a run was stopped before it loaded
+    peak = peak_memory and (peak_memory["cuda_bytes"] or peak_memory["rss_bytes"])
     return {
         **row,
         "status": summary["status"],
-        "conversations": summary["conversations"],
-        "tokens_per_second": summary["tokens_per_second"],
-        "peak_memory_gib": round(peak / 2**30, 3),
-        "wall_seconds": summary["wall_seconds"],
-        "error": "",
+        "conversations": summary.get("conversations"),
+        "tokens_per_second": summary.get("tokens_per_second"),
+        "peak_memory_gib": round(peak / 2**30, 3) if peak else None,
+        "wall_seconds": summary.get("wall_seconds"),
+        "error": summary.get("error") or ("" if summary["status"] == "completed" else _last_error(job)),
     }
 
 
@@ -134,11 +139,25 @@ def _chart(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 class ReportCallback(Callback):
-    """Rewrites the sweep report after each multirun job, so it is there however the sweep ends."""
+    """Rewrites the sweep report after each multirun job, so it is there however the sweep ends;
+    at the sweep's end, prints a line per job, the report and the viewer command, and exits 1
+    when a job did not complete."""
 
     def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
         if HydraConfig.get().mode is RunMode.MULTIRUN:
             write_report(Path(config.hydra.sweep.dir))
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        rows = write_report(sweep_dir)
+        for row in rows:
+            speed = "-" if row.get("tokens_per_second") is None else f"{row['tokens_per_second']} tokens/s"
+            error = f": {row['error']}" if row["error"] else ""
+            print(f"{row['status']:>11}  {speed:>16}  {sweep_dir / row['job']}{error}", file=sys.stderr)
+        print(f"report: {sweep_dir / 'report.md'}", file=sys.stderr)
+        print(f"read them: python -m runner.view {sweep_dir}", file=sys.stderr)
+        if any(row["status"] != "completed" for row in rows):
+            sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
