@@ -13,14 +13,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.errors import ConfigError, Interrupted, RunInterrupted, RunnerError, raise_interrupted
 from runner.outputs import safe_name, unique_dir
-from runner.schema import refuse_secrets, register_configs, to_run_config
+from runner.schema import CONF_DIR, check_override_keys, refuse_secrets, register_configs, to_run_config
 
 register_configs()
 OmegaConf.register_new_resolver("unique_dir", unique_dir)
 OmegaConf.register_new_resolver("safe_name", safe_name)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
         from runner.app import run  # imports torch: kept out of --help and --cfg
@@ -42,12 +42,18 @@ def main(cfg: DictConfig) -> None:
         logging.getLogger("runner").exception("%s: %s", type(error).__name__, error)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`chat-runner ...` and `python -m runner ...`."""
     signal.signal(signal.SIGTERM, raise_interrupted)
     try:
         refuse_secrets(sys.argv[1:])
+        check_override_keys(sys.argv[1:])
         main()
     except ConfigError as error:
         sys.exit(f"error: {error}")
     except (KeyboardInterrupt, Interrupted) as stop:  # before the run began: nothing to keep
         sys.exit(f"interrupted ({type(stop).__name__}) before the run began")
+
+
+if __name__ == "__main__":
+    cli()

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -15,14 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from runner import hardware as hardware_info
-from runner import memory, model
+from runner import memory, model, sources
 from runner.arguments import resolve_batch_size
 from runner.conversations import Conversation, Rejected, read_conversations, resolve_input_files
 from runner.engines import EngineSetup, build_engine
 from runner.engines.chat import template_supports_system_role, template_tokens
-from runner.engines.protocol import Engine
+from runner.engines.protocol import Engine, Sampling
 from runner.errors import InputError, Interrupted, RunInterrupted, RunnerError, raise_interrupted
 from runner.outputs import (
+    LATEST_RUN,
     MANIFEST,
     REJECTED,
     ChatWriter,
@@ -34,6 +36,7 @@ from runner.outputs import (
     environment,
     manifest,
     peak_rss_bytes,
+    point_latest,
     repair_order,
     write_json_atomically,
     write_jsonl_atomically,
@@ -84,7 +87,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     with an interrupted summary and the command to resume.
     """
     started = time.perf_counter()
-    previous_handler = signal.signal(signal.SIGTERM, raise_interrupted)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signals need it
+    previous_handler = signal.signal(signal.SIGTERM, raise_interrupted) if in_main_thread else None
     try:
         files, conversations, rejected = _read_input(cfg)
         if cfg.plan:
@@ -92,6 +96,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             return _print_plan(cfg, run_dir, hardware, arguments.load, conversations)
         with RunDirLock(run_dir):
             paths, kept = _open_run_dir(cfg, run_dir, files, conversations)
+            point_latest(LATEST_RUN, run_dir)
             if rejected and not conversations and cfg.shard.count == 1:
                 _write_rejects(run_dir, rejected)
                 raise RunnerError(
@@ -111,7 +116,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     except (KeyboardInterrupt, Interrupted) as stop:  # before the run dir was opened
         raise _interrupted(stop, 0, run_dir) from None
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
 
 
 def _run_locked(
@@ -127,6 +133,10 @@ def _run_locked(
     """The run once its dir is held: check the template and memory, load, replay, summarise."""
     load_start = time.perf_counter()
     hardware, arguments = model.prepare(cfg)
+    if cfg.model.source is ModelSource.local:
+        sources.check_local_checkpoint(Path(arguments.load["model"]))
+    elif cfg.model.source is ModelSource.hub:
+        sources.check_hub(arguments.load["model"], arguments.load.get("revision"))
     tokenizer = model.load_tokenizer(arguments.load)
     conversations, refused, context = _check_template(conversations, tokenizer, cfg)
     rejected += refused
@@ -270,6 +280,7 @@ def _replay(
                 samples=cfg.generation.num_samples,
                 done=done,
                 on_turn=progress.update,
+                sampling=Sampling.from_config(cfg.generation),
             ):
                 writer.write(
                     result.conversation.source, chat_record(result, chat_engine.chat_template_sha256)

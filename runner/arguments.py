@@ -51,7 +51,7 @@ def transformers_arguments(
     if model.source is ModelSource.hub:
         load.update(model=model.id, revision=model.revision)
     elif model.source is ModelSource.local:
-        load["model"] = str(Path(model.path).expanduser())
+        load["model"] = str(Path(model.path).expanduser().absolute())  # never read as a hub repo id
     else:
         if embedded_dir is None:
             raise ValueError("an embedded model needs its converted checkpoint directory")

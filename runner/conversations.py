@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -56,6 +56,9 @@ class Conversation:
     extra: Mapping[str, Any]
     source: Path
     line: int
+    # The line's own decoding settings over the run's (an OpenAI Batch request's max_tokens, ...):
+    # Sampling fields, and `seed` in place of generation.seed.
+    settings: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def where(self) -> str:
@@ -276,6 +279,16 @@ def parse_conversation(
                 f"(is this a runner output? drop it, e.g. jq -c 'del(.{key})')",
             )
     form = _detect_format(record) if form is InputFormat.auto else form
+    if form is InputFormat.openai_batch:
+        from runner import openai_batch
+
+        if not openai_batch.is_request(record):
+            raise LineError("unknown_format", "an OpenAI Batch request needs 'custom_id' and 'body'")
+        conversation_id, entries, settings, recorded = openai_batch.parse_request(record)
+        messages = _validate_order(FORMAT_PARSERS[InputFormat.messages](entries, "body.messages"))
+        return Conversation(
+            conversation_id, messages, MappingProxyType(recorded), source, line, MappingProxyType(settings)
+        )
     messages_key = FORMAT_KEYS[form]
     default_id = record.get("question_id") if form is InputFormat.turns else None
     conversation_id = record.get("id", default_id if default_id is not None else f"{source.name}:{line}")
@@ -321,6 +334,8 @@ def _check_encodable(text: str, where: str) -> None:
 
 
 def _detect_format(record: dict[str, Any]) -> InputFormat:
+    if "custom_id" in record and "body" in record:
+        return InputFormat.openai_batch
     found = [form for form, key in FORMAT_KEYS.items() if key in record]
     if len(found) != 1:
         keys = " or ".join(repr(key) for key in FORMAT_KEYS.values())

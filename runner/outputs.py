@@ -70,6 +70,26 @@ def unique_dir(base: str) -> str:
     return _claimed_dirs[base]
 
 
+LATEST_RUN = Path("outputs/latest")  # -> the newest run dir under outputs/ (relative to the cwd)
+LATEST_SWEEP = Path("outputs/multirun/latest")  # -> the newest sweep dir under outputs/multirun/
+
+
+def point_latest(link: Path, target: Path) -> None:
+    """Make `link` a symlink to `target` (replaced atomically), when `target` lies in the link's
+    directory tree: `outputs/latest` follows the default run dirs, not a run put elsewhere."""
+    target, home = target.resolve(), link.parent.resolve()
+    if home not in target.parents:
+        return
+    scratch = link.with_name(f".{link.name}.{os.getpid()}")
+    try:
+        scratch.unlink(missing_ok=True)
+        scratch.symlink_to(target.relative_to(home), target_is_directory=True)
+        os.replace(scratch, link)
+    except OSError as error:  # a convenience: never a reason to stop a run
+        log.warning("could not point %s at %s: %s", link, target, error)
+        scratch.unlink(missing_ok=True)
+
+
 def safe_name(text: str, limit: int = 200) -> str:
     """Hydra resolver for sweep job dirs: overrides as a name of [A-Za-z0-9._=,+-] only."""
     return re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)[:limit] or "defaults"

@@ -12,12 +12,13 @@ previous reply is in; the engine decides what runs in each step. Results come ou
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 
 from runner.conversations import Conversation, Message, fold_system_message
-from runner.engines.protocol import Engine, Reply, Request, TurnError
+from runner.engines.protocol import Engine, Reply, Request, Sampling, TurnError
 from runner.schema import ReplayMode
 
 
@@ -83,11 +84,15 @@ class ConversationReplay:
         sample: int,
         fold: bool,
         stream: int = 0,
+        sampling: Sampling | None = None,
     ):
+        """`sampling`: the run's decoding settings, which a conversation's own settings amend."""
         self.conversation = conversation
         self.stream = stream
         self.sample = sample
-        self.seed = trajectory_seed(run_seed, conversation.id, sample)
+        settings = dict(conversation.settings)
+        self.seed = trajectory_seed(settings.pop("seed", run_seed), conversation.id, sample)
+        self.sampling = dataclasses.replace(sampling, **settings) if settings and sampling else None
         self.fold = fold and conversation.messages[0].role == "system"
         self._keep_input_replies = mode is ReplayMode.gold_history
         self._answer_at = _reply_points(conversation.messages, mode)
@@ -118,6 +123,7 @@ class ConversationReplay:
                     seed=self.seed + len(self.turns),
                     stream=self.stream,
                     continues=index < max(self._answer_at),
+                    sampling=self.sampling,
                 )
                 return
         self.pending = None
@@ -173,10 +179,12 @@ def replay_all(
     samples: int = 1,
     done: Container[tuple[str, int]] = frozenset(),
     on_turn: Callable[[Turn | None], None] | None = None,
+    sampling: Sampling | None = None,
 ) -> Iterator[ReplayedConversation]:
     """Replay every (conversation, sample) through the engine's steps; yield results in input order.
 
     `done` holds the (str(id), sample) pairs a resumed run already has: they are skipped.
+    `sampling` is the run's decoding settings, which a conversation's own settings amend.
 
     A new conversation starts when the engine has a free slot, oldest first, and while fewer than
     `4 * engine.batch_size` are in flight or waiting to be yielded behind an older one, so memory
@@ -201,6 +209,7 @@ def replay_all(
                 sample=job[1],
                 fold=not engine.supports_system_role,
                 stream=started,
+                sampling=sampling,
             )
             if replay.done:
                 finished[started] = replay.result()

@@ -6,7 +6,11 @@ compose time; cross-field rules live in `__post_init__` and fail in `to_run_conf
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import re
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -60,6 +64,7 @@ class InputFormat(Enum):
     messages = "messages"  # OpenAI: {"id", "messages": [{"role", "content"}]}
     sharegpt = "sharegpt"  # ShareGPT: {"id", "conversations": [{"from", "value"}]}
     turns = "turns"  # MT-bench: {"question_id", "turns": [user turn, ...]}
+    openai_batch = "openai_batch"  # OpenAI Batch API requests: {"custom_id", "body": {"messages", ...}}
 
 
 class OnError(Enum):
@@ -287,11 +292,52 @@ GROUP_SCHEMAS = {
 
 
 def register_configs() -> None:
-    """Store the schemas so that conf/ YAMLs can name them in their defaults lists."""
+    """Store the schemas so that conf/ YAMLs can name them in their defaults lists
+    (`- /model_schema@_here_`). They are stored outside the groups, so that `--help` and a
+    mistyped option (`model=lama3`) do not offer them as options."""
     store = ConfigStore.instance()
     store.store(name="config_schema", node=RunConfig)
     for group, schema in GROUP_SCHEMAS.items():
-        store.store(group=group, name=f"{group}_schema", node=schema)
+        store.store(name=f"{group}_schema", node=schema)
+
+
+def config_keys(schema: type | None = None, prefix: str = "") -> dict[str, bool]:
+    """Every key of the run config, dotted -> whether it is open (a dict or Any: any key below it
+    is the user's own, e.g. device.max_memory.0)."""
+    keys: dict[str, bool] = {}
+    hints = typing.get_type_hints(schema or RunConfig)
+    for item in dataclasses.fields(schema or RunConfig):
+        key, kind = f"{prefix}{item.name}", hints[item.name]
+        if dataclasses.is_dataclass(kind):
+            keys[key] = False
+            keys.update(config_keys(kind, f"{key}."))
+        else:
+            keys[key] = kind is Any or typing.get_origin(kind) is dict
+    return keys
+
+
+def check_override_keys(arguments: Sequence[str]) -> None:
+    """Refuse an override of a key the config does not have, with or without `+`, naming the
+    closest existing key: Hydra would only suggest `+key=...`, which then runs without it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    candidates = [a for a in arguments if not a.startswith("-") and ("=" in a or a.startswith("~"))]
+    try:
+        overrides = OverridesParser.create().parse_overrides(candidates)
+    except HydraException:
+        return  # Hydra reports a malformed override itself
+    keys = config_keys()
+    groups = {path.name for path in CONF_DIR.iterdir() if path.is_dir()}
+    for override in overrides:
+        key = override.key_or_group
+        if key.split(".")[0].split("/")[0] == "hydra" or key in groups or key in keys:
+            continue
+        if any(key.startswith(f"{known}.") for known, is_open in keys.items() if is_open):
+            continue
+        close = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.6)
+        hint = f": did you mean {close[0]}?" if close else " (python -m runner --cfg job lists the keys)"
+        raise ConfigError(f"unknown config key {key!r} in {override.input_line!r}{hint}")
 
 
 # Keys that name a secret, and values shaped like a Hugging Face token.
@@ -327,7 +373,15 @@ def config_record(cfg: RunConfig) -> dict[str, Any]:
     return record
 
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+def _conf_dir() -> Path:
+    """The config groups: the repo's conf/ in a checkout (their one source), or the copy a wheel
+    installs as runner/conf (pyproject.toml maps conf/ there)."""
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / "conf"
+    return checkout if (checkout / "config.yaml").is_file() else package / "conf"
+
+
+CONF_DIR = _conf_dir()
 
 
 def model_preset(name: str) -> ModelConfig:

@@ -6,8 +6,10 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,6 +60,10 @@ def test_replay_end_to_end(quant, write_jsonl, tmp_path, embedded_dir):
     assert (run_dir / ".lock").read_text().startswith("pid ")
     assert {p.name for p in (run_dir / ".hydra").iterdir()} == {"config.yaml", "hydra.yaml", "overrides.yaml"}
     assert yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["quant"]["method"] == quant
+    # Each third-party warning once per run (bitsandbytes' int8 warns at every forward pass).
+    for text in (done.stderr, (run_dir / "chat-runner.log").read_text()):
+        warnings = [line.split("] - ", 1)[-1] for line in text.splitlines() if "[WARNING]" in line]
+        assert len(warnings) == len(set(warnings)), warnings
 
     records = read_jsonl(run_dir / "chats" / "my_chats.jsonl")
     assert [r["id"] for r in records] == ["persona", 2]
@@ -171,6 +177,23 @@ def test_mistyped_option_exits_non_zero_with_the_choices():
     done = run_cli("model=lama3")
     assert done.returncode != 0
     assert "Could not find 'model/lama3'" in done.stderr and "llama3_8b" in done.stderr
+    assert "_schema" not in done.stderr  # the schemas behind the groups are no options
+
+
+@pytest.mark.parametrize("plus", ["", "+"])
+def test_an_unknown_key_is_refused_naming_the_closest_one(plus):
+    done = run_cli(f"{plus}generation.max_new_token=16", "--cfg", "job")
+    assert (done.returncode, done.stderr.strip()) == (
+        1,
+        f"error: unknown config key 'generation.max_new_token' in '{plus}generation.max_new_token=16': "
+        "did you mean generation.max_new_tokens?",
+    )
+
+
+def test_keys_a_group_leaves_open_still_take_new_entries():
+    done = run_cli("+device.max_memory={0:70GiB,cpu:100GiB}", "device=cuda", "--cfg", "job")
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load(done.stdout)["device"]["max_memory"] == {0: "70GiB", "cpu": "100GiB"}
 
 
 def test_config_error_is_one_line_without_traceback(tmp_path):
@@ -185,6 +208,7 @@ def test_help_shows_the_groups_and_a_project_header():
     assert done.stdout.startswith("chat-runner: replay multi-turn JSONL conversations")
     for group in ("model:", "precision:", "quant:", "device:", "generation:"):
         assert group in done.stdout
+    assert "_schema" not in done.stdout
 
 
 def test_runs_in_the_same_second_get_distinct_dirs(tmp_path, monkeypatch):
@@ -273,6 +297,72 @@ def test_an_unwritable_run_dir_or_a_full_disk_is_one_line_before_anything_starts
     ]:
         done = run_cli(*args, "generation.max_new_tokens=2")
         assert (done.returncode, done.stderr.strip()) == (1, expected)
+
+
+def _hub_answers() -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_an_unreachable_hub_fails_at_once_saying_how_to_run_offline(tmp_path):
+    if _hub_answers():
+        pytest.skip("the hub answers from here: this test is for machines without it (CI)")
+    started = time.monotonic()
+    done = run_cli(
+        "model=hub",
+        "model.id=Qwen/Qwen2.5-0.5B-Instruct",
+        "input.path=conversations",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert done.returncode == 1 and time.monotonic() - started < 30
+    assert "cannot reach the Hugging Face hub" in done.stderr and "HF_HUB_OFFLINE=1" in done.stderr
+    assert "model=local model.path=" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_a_local_model_path_must_hold_a_checkpoint_and_never_reaches_the_hub(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for path, message in [
+        ("/no/such/dir", "model.path /no/such/dir is not a directory"),
+        (
+            "relative/dir",
+            f"model.path {tmp_path}/relative/dir is not a directory (relative paths are from {tmp_path})",
+        ),
+        (
+            str(tmp_path / "empty"),
+            f"model.path {tmp_path / 'empty'} holds no checkpoint: it has no config.json, weights",
+        ),
+    ]:
+        source = PROJECT / "conversations"
+        done = run_cli(
+            "model=local",
+            f"model.path={path}",
+            f"input.path={source}",
+            f"hydra.run.dir={tmp_path / 'runs' / path.replace('/', '_')}",
+            cwd=tmp_path,
+        )
+        assert done.returncode == 1 and message in done.stderr, done.stderr
+        assert "huggingface.co" not in done.stderr
+
+
+@pytest.mark.slow
+def test_a_local_checkpoint_directory_runs(embedded_dir, write_jsonl, tmp_path):
+    source = write_jsonl([chat("a", ("user", "Hi."))])
+    done = run_cli(
+        "model=local",
+        f"model.path={embedded_dir}",
+        f"input.path={source}",
+        "generation.max_new_tokens=2",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["model"]["location"] == str(
+        embedded_dir
+    )
 
 
 @pytest.mark.slow
@@ -373,3 +463,37 @@ def test_torch_threads_follow_the_cpus_granted(write_jsonl, tmp_path, prefix, en
     assert done.returncode == 0, done.stderr
     assert f"torch uses 1 CPU thread(s), from {source}" in done.stderr
     assert json.loads((run_dir / "summary.json").read_text())["environment"]["torch_threads"] == 1
+
+
+@pytest.mark.slow
+def test_outputs_latest_points_at_the_newest_run_and_the_viewer_takes_it(write_jsonl, tmp_path):
+    source = write_jsonl([chat("a", ("user", "Hi."))])
+    for _ in range(2):
+        assert run_cli(f"input.path={source}", "generation.max_new_tokens=2", cwd=tmp_path).returncode == 0
+    runs = sorted(tmp_path.glob("outputs/2*/*"))
+    assert len(runs) == 2 and (tmp_path / "outputs" / "latest").resolve() == runs[-1]
+    view = subprocess.run(
+        [sys.executable, "-m", "runner.view"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert view.returncode == 0 and view.stdout.strip() == "outputs/latest/index.html"
+    assert (runs[-1] / "index.html").is_file()
+
+
+def test_a_run_outside_outputs_leaves_latest_alone_and_report_takes_the_newest_sweep(tmp_path):
+    from runner.outputs import LATEST_SWEEP, point_latest
+
+    sweep = tmp_path / "outputs" / "multirun" / "2026-01-01" / "10-00-00"
+    sweep.mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.chdir(tmp_path)  # point_latest's links are relative to the current dir, as the runner's
+    try:
+        point_latest(LATEST_SWEEP, sweep)
+        point_latest(LATEST_SWEEP, elsewhere)  # not under outputs/multirun: ignored
+    finally:
+        os.chdir(PROJECT)
+    assert (tmp_path / LATEST_SWEEP).resolve() == sweep
+    report = subprocess.run(
+        [sys.executable, "-m", "runner.report"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert report.returncode == 0 and "0 job(s): outputs/multirun/latest/report.md" in report.stdout

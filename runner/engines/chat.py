@@ -94,11 +94,12 @@ class ChatModel:
         stop = next((i for i, token in enumerate(new_ids) if token in self.stop_ids), None)
         if stop is not None:
             new_ids = new_ids[: stop + 1]
+        text, stopped = cut_at_stop(self.tokenizer.decode(new_ids, skip_special_tokens=True), request)
         return Reply(
-            text=self.tokenizer.decode(new_ids, skip_special_tokens=True),
+            text=text,
             prompt_tokens=prompt_tokens,
             new_tokens=len(new_ids),
-            finish_reason="stop" if stop is not None else "length",
+            finish_reason="stop" if stop is not None or stopped else "length",
             seconds=seconds,
             first_token_seconds=first,
             control_tokens_in_content=self.control_tokens_in(request.messages),
@@ -121,3 +122,11 @@ class ChatModel:
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return 2 * config.num_hidden_layers * heads * head_dim * self.model.dtype.itemsize
+
+
+def cut_at_stop(text: str, request: Request) -> tuple[str, bool]:
+    """The reply's text up to its turn's first stop string (not kept, as OpenAI's `stop`), and
+    whether one was found."""
+    stops = request.sampling.stop if request.sampling is not None else ()
+    found = [index for index in (text.find(stop) for stop in stops) if index >= 0]
+    return (text[: min(found)], True) if found else (text, False)

@@ -274,11 +274,21 @@ class ContinuousEngine(ChatModel):
             row.cached.append(row.next_token)
             row.generated.append(token)
             row.first_token_at = row.first_token_at or now
-            if token in self.stop_ids or len(row.generated) >= row.sampling.max_new_tokens:
+            if (
+                token in self.stop_ids
+                or len(row.generated) >= row.sampling.max_new_tokens
+                or (row.sampling.stop and self._stop_string_in(row))
+            ):
                 done.append(row)
             else:
                 row.next_token = token
         return [self._finish(row, now) for row in done]
+
+    def _stop_string_in(self, row: RowState) -> bool:
+        """Whether the reply so far holds one of its turn's stop strings (decoded each step: only
+        turns that have stop strings pay for it)."""
+        text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+        return any(stop in text for stop in row.sampling.stop)
 
     def _finish(self, row: RowState, now: float) -> Outcome:
         request = row.request

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TextGenerationPipeline, set_seed
 
-from runner.engines.chat import ChatModel
+from runner.engines.chat import ChatModel, cut_at_stop
 from runner.engines.protocol import Reply, Request, TurnError, WholeTurnEngine
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,8 @@ class PipelineEngine(ChatModel, WholeTurnEngine):
         reply = self.reply(
             request, record["prompt_tokens"], record["new_token_ids"], end - start, (timer.at or end) - start
         )
-        return dataclasses.replace(reply, text=record["generated_text"])  # the pipeline's own decoding
+        text, stopped = cut_at_stop(record["generated_text"], request)  # the pipeline's own decoding
+        return dataclasses.replace(reply, text=text, finish_reason="stop" if stopped else reply.finish_reason)
 
     def _measure(self, prompt_tokens: int) -> contextlib.AbstractContextManager:
         if self.speculation is None:
@@ -138,6 +139,9 @@ class PipelineEngine(ChatModel, WholeTurnEngine):
 def _generate_kwargs(sampling: Any) -> dict[str, Any]:
     """A turn's own decoding settings as generate's keyword arguments."""
     arguments = dataclasses.asdict(sampling)
+    stop = arguments.pop("stop")
+    if stop:
+        arguments["stop_sequence"] = list(stop)  # the pipeline hands them to generate as stop_strings
     if not sampling.do_sample:
         arguments.update(temperature=None, top_p=None, top_k=None)
     return arguments

@@ -27,6 +27,7 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k filter
     repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()  # strings that end the reply (not kept in its text), as OpenAI's `stop`
 
     @classmethod
     def from_config(cls, generation: Any) -> Sampling:
