@@ -11,6 +11,7 @@ import argparse
 import csv
 import json
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import OmegaConf
+
+from runner.outputs import LATEST_SWEEP, point_latest
 
 COLUMNS = (
     "job",
@@ -115,24 +118,81 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def job_labels(rows: list[dict[str, Any]]) -> list[str]:
+    """What tells each job apart: its overrides less those every job shares (the input path, say),
+    or the job dir's name where that leaves nothing. The chart and the viewer label jobs so."""
+    overrides = [row["overrides"].split() for row in rows]
+    shared = set.intersection(*map(set, overrides)) if len(overrides) > 1 else set()
+    return [
+        " ".join(o for o in job if o not in shared) or row["job"]
+        for job, row in zip(overrides, rows, strict=True)
+    ]
+
+
+DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def resolved_setup(job_dir: Path) -> dict[str, str] | None:
+    """The precision and device a job ran on, as its summary.json recorded them once the model had
+    loaded (fp32 and cpu where the config said auto); None when it has no such record."""
+    path = job_dir / "summary.json"
+    loaded = json.loads(path.read_text(encoding="utf-8")).get("loaded") if path.exists() else None
+    if not loaded:
+        return None
+    # hf_device_map names a GPU by its index; a model split over devices lists each once.
+    devices = [f"cuda:{d}" if d.isdigit() else d for d in dict.fromkeys(loaded["device_map"].values())]
+    return {
+        "precision": DTYPES.get(loaded["dtype"], loaded["dtype"]),
+        "device": "+".join(devices) or loaded["device"],
+    }
+
+
+def chart_labels(rows: list[dict[str, Any]], sweep_dir: Path) -> list[str]:
+    """A bar's label: the job's label (wrapped, never cut) over its resolved precision/device."""
+    labels = []
+    for label, row in zip(job_labels(rows), rows, strict=True):
+        setup = resolved_setup(sweep_dir / row["job"])
+        lines = textwrap.wrap(label, 40, break_long_words=False, break_on_hyphens=False)
+        labels.append("\n".join(lines + ([f"{setup['precision']}/{setup['device']}"] if setup else [])))
+    return labels
+
+
 def _chart(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     from matplotlib import pyplot
 
-    labels = [row["job"] if len(row["job"]) <= 40 else row["job"][:37] + "..." for row in rows]
-    figure, (speed, memory) = pyplot.subplots(2, 1, figsize=(max(6, 1.2 * len(rows) + 2), 7), sharex=True)
-    positions = range(len(rows))
-    speed.bar(positions, [row.get("tokens_per_second") or 0 for row in rows], color="tab:blue")
-    speed.set_ylabel("generated tokens/s")
-    memory.bar(positions, [row.get("peak_memory_gib") or 0 for row in rows], color="tab:orange")
-    memory.set_ylabel("peak memory (GiB)")
+    labels = chart_labels(rows, path.parent)
+    lines = sum(label.count("\n") + 1 for label in labels)
+    # Horizontal bars: a label of any length reads level, one job a row, in the table's order.
+    figure, (speed, memory) = pyplot.subplots(
+        1, 2, figsize=(11, 1.4 + 0.32 * lines + 0.25 * len(rows)), sharey=True
+    )
+    positions = list(range(len(rows)))
+    for axes, key, color, unit in (
+        (speed, "tokens_per_second", "tab:blue", "generated tokens/s"),
+        (memory, "peak_memory_gib", "tab:orange", "peak memory (GiB)"),
+    ):
+        values = [row.get(key) for row in rows]
+        bars = axes.barh(positions, [value or 0 for value in values], color=color, height=0.6)
+        axes.bar_label(bars, ["" if v is None else f"{v:,.2f}" for v in values], padding=3, fontsize=8)
+        axes.set_xlabel(unit)
+        axes.margins(x=0.15)  # room for the values
+        axes.grid(axis="x", alpha=0.3)
     for position, row in zip(positions, rows, strict=True):
         if row["status"] != "completed":
-            speed.annotate(row["status"], (position, 0), ha="center", va="bottom", color="tab:red")
-    memory.set_xticks(list(positions), labels, rotation=30, ha="right", fontsize=8)
-    figure.suptitle("chat-runner sweep")
+            speed.annotate(
+                row["status"],
+                (0, position),
+                xytext=(4, 0),
+                textcoords="offset points",
+                va="center",
+                color="tab:red",
+            )
+    speed.set_yticks(positions, labels, fontsize=9)
+    speed.invert_yaxis()  # the first job on top, as in the table
+    figure.suptitle("chat-runner sweep: tokens/s and peak memory per job")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     pyplot.close(figure)
@@ -142,6 +202,9 @@ class ReportCallback(Callback):
     """Rewrites the sweep report after each multirun job, so it is there however the sweep ends;
     at the sweep's end, prints a line per job, the report and the viewer command, and exits 1
     when a job did not complete."""
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        point_latest(LATEST_SWEEP, Path(str(config.hydra.sweep.dir)))
 
     def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
         if HydraConfig.get().mode is RunMode.MULTIRUN:
@@ -162,7 +225,13 @@ class ReportCallback(Callback):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m runner.report", description=__doc__.splitlines()[0])
-    parser.add_argument("sweep_dir", type=Path, help="a multirun dir: outputs/multirun/<date>/<time>")
+    parser.add_argument(
+        "sweep_dir",
+        type=Path,
+        nargs="?",
+        default=LATEST_SWEEP,
+        help=f"a multirun dir: outputs/multirun/<date>/<time> (default: {LATEST_SWEEP}, the newest)",
+    )
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         sys.exit(f"error: {args.sweep_dir} is not a directory")

@@ -3,7 +3,9 @@
 One static file, no server and no network: the page's script and the run's data are inlined (the
 data as JSON in a non-executed script element, every text string stored once), and the page puts
 text on screen through `textContent` only, with a Content-Security-Policy that allows no other
-script. A sweep shows each conversation side by side across its jobs.
+script. A sweep shows each conversation side by side across its jobs, a row per message so turns
+line up; the page filters (replies that differ from a baseline job, errors, max_new_tokens hit,
+search) with counts, and shows each record's extra keys, raw JSON and the run's config.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import RunnerError
-from runner.report import COLUMNS, job_rows
+from runner.outputs import LATEST_RUN
+from runner.report import COLUMNS, job_labels, job_rows, resolved_setup
 
 TEMPLATE = Path(__file__).with_name("view.html")
 ROLES = {"system": 0, "user": 1, "assistant": 2}
-FINISH = {"stop": 0, "length": 1}
 
 
 class _Strings:
@@ -61,15 +63,19 @@ def collect(directory: Path, rows: list[dict[str, Any]] | None) -> dict[str, Any
     """
     strings = _Strings()
     job_dirs = [directory] if rows is None else [directory / row["job"] for row in rows]
-    labels = _labels([row["overrides"].split() for row in rows] if rows else [[]])
+    labels = job_labels(rows) if rows else [directory.name]
     jobs, conversations, keys = [], [], {}
     for number, (job_dir, row) in enumerate(zip(job_dirs, rows or [{}], strict=True)):
+        overrides = job_dir / ".hydra" / "overrides.yaml"
+        config = job_dir / ".hydra" / "config.yaml"
         jobs.append(
             {
                 "dir": job_dir.name,
-                "label": labels[number] or job_dir.name,
+                "label": labels[number],
                 "summary": _summary(job_dir),
                 "error": row.get("error") or None,
+                "overrides": overrides.read_text(encoding="utf-8") if overrides.exists() else None,
+                "config": config.read_text(encoding="utf-8") if config.exists() else None,
             }
         )
         for chat_file in sorted((job_dir / "chats").glob("*.jsonl")):
@@ -82,55 +88,45 @@ def collect(directory: Path, rows: list[dict[str, Any]] | None) -> dict[str, Any
                     )
                 conversations[keys[key]]["cells"][number] = _cell(record, strings)
     for conversation in conversations:
-        cells = [cell for cell in conversation["cells"] if cell is not None]
-        conversation["turns"] = max(len(cell["t"]) for cell in cells)
-        conversation["tokens"] = sum(turn[2] for turn in cells[0]["t"])
-        conversation["errors"] = sum(cell["e"] is not None for cell in cells)
-    report = None
-    if rows is not None:
-        chart = directory / "report.png"
-        report = {
-            "columns": [column for column in COLUMNS if column != "job"],
-            "rows": rows,
-            "chart": "data:image/png;base64," + base64.b64encode(chart.read_bytes()).decode()
-            if chart.exists()
-            else None,
-        }
+        replays = [cell["r"]["replay"] for cell in conversation["cells"] if cell is not None]
+        conversation["turns"] = max(len(replay["turns"]) for replay in replays)
+        conversation["tokens"] = sum(turn["new_tokens"] for turn in replays[0]["turns"])
+        conversation["errors"] = sum(replay["error"] is not None for replay in replays)
     return {
         "kind": "run" if rows is None else "sweep",
         "name": str(directory),
         "jobs": jobs,
         "conversations": conversations,
         "strings": strings.table,
-        "report": report,
+        "report": None if rows is None else _report(directory, rows, labels),
     }
 
 
-def _labels(overrides: list[list[str]]) -> list[str]:
-    """Each job's overrides less those every job shares (the input path, say): what was swept."""
-    shared = set.intersection(*map(set, overrides)) if len(overrides) > 1 else set()
-    return [" ".join(o for o in job if o not in shared) for job in overrides]
+def _report(directory: Path, rows: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:
+    """The report table as the page shows it: jobs by their labels (the overrides that differ;
+    those all share are said once), precision and device as they resolved (`fp32 (auto)`)."""
+    shown = []
+    for row, label in zip(rows, labels, strict=True):
+        setup = resolved_setup(directory / row["job"]) or {}
+        resolved = {
+            key: value if value == row[key] else f"{value} ({row[key]})" for key, value in setup.items()
+        }
+        shown.append({**row, "job": label, "dir": row["job"], **resolved, "setup": "/".join(setup.values())})
+    overrides = [row["overrides"].split() for row in rows]
+    common = [o for o in overrides[0] if all(o in job for job in overrides[1:])] if len(rows) > 1 else []
+    return {
+        "columns": [column for column in COLUMNS if column != "overrides"],
+        "rows": shown,
+        "shared": " ".join(common),
+    }
 
 
 def _cell(record: dict[str, Any], strings: _Strings) -> dict[str, Any]:
-    """One job's record of a conversation: messages, turns as compact arrays, and its error."""
-    turns = [
-        [
-            turn["message_index"],
-            turn["prompt_tokens"],
-            turn["new_tokens"],
-            turn["seconds"],
-            turn["first_token_seconds"],
-            FINISH.get(turn["finish_reason"], turn["finish_reason"]),
-            strings(turn["reference"]) if turn.get("reference") is not None else -1,
-        ]
-        for turn in record["replay"]["turns"]
-    ]
-    error = record["replay"]["error"]
+    """One job's record of a conversation: its messages as (role, string) pairs, and the rest of
+    the record as it is (`messages` left as a placeholder that keeps the key's place)."""
     return {
         "m": [[ROLES.get(m["role"], 1), strings(m["content"])] for m in record["messages"]],
-        "t": turns,
-        "e": f"{error['code']}: {error['message']}" if error else None,
+        "r": {**record, "messages": None},
     }
 
 
@@ -142,11 +138,15 @@ def _summary(job_dir: Path) -> dict[str, Any] | None:
     summary = json.loads(path.read_text(encoding="utf-8"))
     peak = summary["peak_memory"]["cuda_bytes"] or summary["peak_memory"]["rss_bytes"]
     speculative = summary.get("speculative")
+    # What the model ran with (fp32, cpu), and what the config asked for where that differs.
+    setup = {key: summary[key] for key in ("precision", "device")} | (resolved_setup(job_dir) or {})
     return {
         "model": summary["model"]["name"],
-        "precision": f"{summary['precision']} ({summary['loaded']['dtype']})",
+        **{
+            key: value if value == summary[key] else f"{value} ({summary[key]})"
+            for key, value in setup.items()
+        },
         "quant": summary["quant"],
-        "device": summary["device"],
         "engine": summary["engine"],
         "status": summary["status"],
         "conversations": summary["conversations"],
@@ -191,7 +191,13 @@ def render(data: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m runner.view", description=__doc__.splitlines()[0])
-    parser.add_argument("directory", type=Path, help="a run dir (outputs/<date>/<time>) or a sweep dir")
+    parser.add_argument(
+        "directory",
+        type=Path,
+        nargs="?",
+        default=LATEST_RUN,
+        help=f"a run dir (outputs/<date>/<time>) or a sweep dir (default: {LATEST_RUN}, the newest run)",
+    )
     args = parser.parse_args(argv)
     try:
         print(build(args.directory))

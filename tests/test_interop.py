@@ -152,8 +152,7 @@ def test_a_sweep_exports_fastchat_answers_batch_results_and_a_table_naming_each_
         "runner",
         "-m",
         f"input.path={source}",
-        "generation.max_new_tokens=4",
-        "quant=none,int4",
+        "generation.max_new_tokens=3,4",
         f"hydra.sweep.dir={sweep}",
     )
     assert done.returncode == 0, done.stderr
@@ -164,7 +163,8 @@ def test_a_sweep_exports_fastchat_answers_batch_results_and_a_table_naming_each_
     )
     assert exported.returncode == 0, exported.stderr
     answers = fastchat_load_model_answers(tmp_path / "model_answer")
-    assert sorted(answers) == ["smollm2_135m_quant=int4", "smollm2_135m_quant=none"]  # what sets them apart
+    # Named by the model and what sets the job apart.
+    assert sorted(answers) == [f"smollm2_135m_generation.max_new_tokens={n}" for n in (3, 4)]
     for model_id, by_question in answers.items():
         assert sorted(by_question) == [81, 82]  # int question ids, as in question.jsonl
         for question in questions:
@@ -192,8 +192,8 @@ def test_a_sweep_exports_fastchat_answers_batch_results_and_a_table_naming_each_
     assert len(rows) == 2 * 2 * 2  # jobs x questions x turns
     assert sorted({row["job"] for row in rows}) == jobs
     assert {row["overrides"] for row in rows} == {
-        f"input.path={source} generation.max_new_tokens=4 quant=none",
-        f"input.path={source} generation.max_new_tokens=4 quant=int4",
+        f"input.path={source} generation.max_new_tokens=3",
+        f"input.path={source} generation.max_new_tokens=4",
     }
     first = rows[0]
     assert (first["conversation_id"], first["turn"], first["prompt"]) == ("81", "0", questions[0]["turns"][0])
