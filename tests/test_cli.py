@@ -125,8 +125,18 @@ def test_replay_end_to_end(quant, write_jsonl, tmp_path, embedded_dir):
     assert (plan["verdict"], plan["batch_rows"], plan["quant"]) == ("fits", 2, quant)
     log = (run_dir / "chat-runner.log").read_text()
     assert "verdict: fits" in log
-    assert "done: 2 conversation(s), 4 turn(s)" in log
     assert "tokens/s at batch 1; this run" in log
+    # The last lines: counts with finish reasons, errors and rejects by code, then where to look.
+    finishes = ", ".join(
+        f"{reason} {count}"
+        for reason, count in sorted(summary["finish_reasons"].items(), key=lambda item: (-item[1], item[0]))
+    )
+    assert (
+        f"done: 2 conversation(s), 4 turn(s) (finish reasons: {finishes}), errors: none, rejected lines: none"
+        in log
+    )
+    last = [line.split("] - ", 1)[-1] for line in log.rstrip().splitlines()[-2:]]
+    assert last == [f"outputs: {run_dir}", f"read them: python -m runner.view {run_dir}"]
 
 
 @pytest.mark.slow

@@ -113,6 +113,12 @@ def test_a_failing_job_does_not_stop_the_sweep(write_jsonl, tmp_path):
     assert "model 'hub' has source=hub but no id" in sweep.stderr
     failed, succeeded = sorted(p for p in tmp_path.iterdir() if p.is_dir())
     assert not (failed / "summary.json").exists()
+    # The sweep ends with a line per job (the failure a line, not a traceback) and where to look.
+    tail = sweep.stderr.strip().splitlines()[-4:]
+    assert tail[0].split()[0] == "failed" and f"{failed}: model 'hub' has source=hub but no id" in tail[0]
+    assert tail[1].split()[0] == "completed" and tail[1].endswith(str(succeeded))
+    assert tail[2:] == [f"report: {tmp_path / 'report.md'}", f"read them: python -m runner.view {tmp_path}"]
+    assert "Traceback" not in sweep.stderr
     assert json.loads((succeeded / "summary.json").read_text())["status"] == "completed"
     # The report, written after each job, has both rows: the failure with its error.
     with (tmp_path / "report.csv").open() as stream:
