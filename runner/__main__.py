@@ -9,15 +9,14 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from runner.errors import ConfigError, Interrupted, RunInterrupted, RunnerError, raise_interrupted
-from runner.outputs import safe_name, unique_dir
+from runner.outputs import register_resolvers
 from runner.schema import CONF_DIR, check_override_keys, refuse_secrets, register_configs, to_run_config
 
 register_configs()
-OmegaConf.register_new_resolver("unique_dir", unique_dir)
-OmegaConf.register_new_resolver("safe_name", safe_name)
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf, open_dict
 
 from runner.errors import ConfigError, RunnerError
 from runner.log_filters import OncePerRun
-from runner.outputs import MANIFEST, read_records
+from runner.outputs import MANIFEST, read_records, register_resolvers
 from runner.schema import CONF_DIR, check_override_keys, refuse_secrets, register_configs, to_run_config
 
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as the CLI's (Hydra's) log
@@ -51,12 +51,8 @@ def run(overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> dic
 
 def _compose(overrides: list[str]) -> tuple[Any, Path]:
     """The job config and the run dir Hydra would pick, from the same conf/ as the CLI."""
-    from runner.outputs import safe_name, unique_dir
-
     register_configs()
-    for name, resolver in (("unique_dir", unique_dir), ("safe_name", safe_name)):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, resolver)
+    register_resolvers()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="chat-runner"):
             cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)

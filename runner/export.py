@@ -27,11 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from runner.api import Run, load_run, turn_rows
 from runner.errors import RunnerError
 from runner.outputs import safe_name, write_jsonl_atomically
+from runner.report import job_labels, job_rows, user_overrides
 
 FORMATS = ("openai-batch", "mt-bench", "table")
 TABLE_COLUMNS = (
@@ -55,45 +54,33 @@ TABLE_COLUMNS = (
 
 @dataclass(frozen=True)
 class Job:
-    """One run of a sweep (or the run itself): its name, the user's overrides, those that set it
-    apart from the sweep's other jobs, and its run read back."""
+    """One run of a sweep (or the run itself): its name, the user's overrides, what sets it apart
+    from the sweep's other jobs (the report's label), and its run read back."""
 
     name: str | None  # None for a single run
     overrides: list[str]
-    differing: list[str]
+    label: str
     run: Run
 
     @property
     def model_id(self) -> str:
-        """FastChat's model_id: the model's name, then the overrides that set the job apart."""
+        """FastChat's model_id: the model's name, then what sets the job apart."""
         model = self.run.summary["model"]["name"]
-        return safe_name("_".join([model, *(o for o in self.differing if not o.startswith("model="))]))
+        return safe_name("_".join([model, *(o for o in self.label.split() if not o.startswith("model="))]))
 
 
 def jobs_of(directory: Path) -> list[Job]:
     """The run dir itself, or each finished job of a sweep dir (in job order)."""
     if (directory / "summary.json").is_file():
-        return [Job(None, _overrides(directory), [], load_run(directory))]
-    from runner.report import job_rows
-
-    names = [row["job"] for row in job_rows(directory)] if directory.is_dir() else []
-    names = [name for name in names if (directory / name / "summary.json").is_file()]
-    if not names:
+        return [Job(None, user_overrides(directory), "", load_run(directory))]
+    rows = job_rows(directory) if directory.is_dir() else []
+    rows = [row for row in rows if (directory / row["job"] / "summary.json").is_file()]
+    if not rows:
         raise RunnerError(f"{directory} is neither a run dir nor a sweep dir with finished jobs")
-    overrides = {name: _overrides(directory / name) for name in names}
-    common = set.intersection(*(set(listed) for listed in overrides.values()))
     return [
-        Job(
-            name, overrides[name], [o for o in overrides[name] if o not in common], load_run(directory / name)
-        )
-        for name in names
+        Job(row["job"], row["overrides"].split(), label, load_run(directory / row["job"]))
+        for row, label in zip(rows, job_labels(rows), strict=True)
     ]
-
-
-def _overrides(job: Path) -> list[str]:
-    path = job / ".hydra" / "overrides.yaml"
-    listed = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
-    return [o for o in listed if o.split("=", 1)[0].lstrip("+~") != "resume"]
 
 
 def export(directory: Path, form: str, out: Path | None = None) -> list[Path]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonlines
+from omegaconf import OmegaConf
 
 from runner.errors import InputError, RunnerError
 from runner.replay import ReplayedConversation
@@ -93,6 +94,13 @@ def point_latest(link: Path, target: Path) -> None:
 def safe_name(text: str, limit: int = 200) -> str:
     """Hydra resolver for sweep job dirs: overrides as a name of [A-Za-z0-9._=,+-] only."""
     return re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)[:limit] or "defaults"
+
+
+def register_resolvers() -> None:
+    """The run dir's resolvers (`unique_dir`, `safe_name`), for the CLI and the Python API alike."""
+    for name, resolver in (("unique_dir", unique_dir), ("safe_name", safe_name)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
 
 
 def chat_paths(run_dir: Path, files: Iterable[Path]) -> dict[Path, Path]:

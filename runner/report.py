@@ -50,12 +50,16 @@ def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     return [_row(job) for job in jobs]
 
 
+def user_overrides(job: Path) -> list[str]:
+    """A job's command-line overrides (none without .hydra/, e.g. a merged run), less the
+    `resume=true` a requeued attempt adds, which is no choice of the user's."""
+    path = job / ".hydra" / "overrides.yaml"
+    listed = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
+    return [override for override in listed if override.split("=", 1)[0].lstrip("+~") != "resume"]
+
+
 def _row(job: Path) -> dict[str, Any]:
-    overrides = [
-        override  # the user's overrides: the `resume=true` a requeued attempt adds is no choice of theirs
-        for override in OmegaConf.to_container(OmegaConf.load(job / ".hydra" / "overrides.yaml"))
-        if override.split("=", 1)[0].lstrip("+~") != "resume"
-    ]
+    overrides = user_overrides(job)
     config = OmegaConf.to_container(OmegaConf.load(job / ".hydra" / "config.yaml"))
     row = {
         "job": job.name,
