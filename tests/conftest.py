@@ -87,7 +87,7 @@ def smol_model(embedded_dir: Path):
         "trust_remote_code": False,
     }
     model = load_causal_lm(load)
-    use_onednn_linear(model)
+    use_onednn_linear(model, rows=32)
     return model
 
 

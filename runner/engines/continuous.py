@@ -347,8 +347,8 @@ def build(cfg: Any, setup: Any) -> Any:
     model = load_causal_lm(setup.arguments.load)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = setup.tokenizer.pad_token_id
-    if routed := use_onednn_linear(model):
-        log.info("%d fp32 linear layers on the CPU run through oneDNN", routed)
+    if packed := use_onednn_linear(model, setup.batch_rows):
+        log.info("%d fp32 linear layers on the CPU run through oneDNN, their weights packed", packed)
     return ContinuousEngine(
         model,
         setup.tokenizer,
