@@ -172,6 +172,8 @@ def test_continuous_greedy_replay_equals_the_pipeline_at_any_batch_size(smol_pip
         stats = engine.counters()["cache"]
         assert stats["reused_tokens"] > stats["prefill_tokens"] / 3  # later turns reused their slot's cache
         assert stats["prefix_mismatches"] == 0
+        # The default system prompt's KV is copied between slots whenever two are in flight.
+        assert (stats["shared_tokens"] > 0) == (batch_size > 1)
 
 
 def test_seeded_sampling_is_the_same_at_any_batch_size_and_in_any_input_order(smol_pipeline, smol_model):
@@ -238,6 +240,31 @@ def test_no_turn_barrier_and_a_long_prompt_is_prefilled_in_chunks(smol_pipeline,
         continuous(smol_model, smol_pipeline, 2, 16, max_new_tokens=4), [Request(long_prompt, 0)]
     )
     assert without_time(chunked[0]) == without_time(reference[0])
+
+
+def test_a_prompt_start_held_by_another_slot_is_copied_not_prefilled(smol_pipeline, smol_model):
+    system = (S, "You are a careful assistant who checks every fact twice before answering. " * 3)
+    samples = [chat(f"sample-{i}", system, (U, "Name a colour.")) for i in range(3)]  # one prompt, 3 times
+    other = chat("other", system, (U, "Name a fruit."))
+    conversations = [*samples, other]
+    engine = continuous(smol_model, smol_pipeline, batch_size=4, max_new_tokens=8)
+    pipeline = PipelineEngine(smol_pipeline, {**GREEDY, "max_new_tokens": 8})
+    assert replay_texts(engine, conversations) == replay_texts(pipeline, conversations)
+
+    def ids(conversation):
+        messages = [{"role": m.role, "content": m.content} for m in conversation.messages]
+        return smol_pipeline.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)[
+            "input_ids"
+        ]
+
+    sample, fruit = ids(samples[0]), ids(other)
+    common = next(i for i, (a, b) in enumerate(zip(sample, fruit, strict=False)) if a != b)
+    assert common > 40  # the system prompt and the user turn's opening
+    stats = engine.counters()["cache"]
+    # The first sample prefills its prompt; the other two copy all of it but the token their first
+    # decoding step feeds, and the fruit question copies the start it has in common.
+    assert stats["shared_tokens"] == 2 * (len(sample) - 1) + common
+    assert stats["prefill_tokens"] == len(sample) + 2 + len(fruit) - common
 
 
 def test_kv_cache_is_allocated_per_slot_not_per_step(smol_pipeline, smol_model):

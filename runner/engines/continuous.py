@@ -6,7 +6,9 @@ most `prefill_chunk` tokens, so a long prompt cannot stall the other rows for lo
 one token for every row. A reply that ends (a stop id after min_new_tokens, or its own
 max_new_tokens) frees its row at once; when its conversation has another turn, the slot keeps the
 KV cache, and that turn prefills only the tokens after the longest prefix of the re-rendered prompt
-that equals the tokens the slot holds. Each row samples with its own settings and its own generator
+that equals the tokens the slot holds. A prompt whose start another slot holds or is prefilling (a
+shared system prompt, or samples of one conversation) copies those tokens' KV from that slot
+instead of computing it again. Each row samples with its own settings and its own generator
 seeded from the turn's seed, so its text does not depend on the rows beside it.
 
 Out of memory: the rows admitted last go back to the queue (their turns start again, each turn is
@@ -35,6 +37,9 @@ from runner.engines.slot_cache import SlotCache
 
 log = logging.getLogger(__name__)
 
+# Shorter common starts are computed again: holding a prompt back a step to copy them saves little.
+MIN_SHARED_PREFIX = 16
+
 
 class Phase(enum.Enum):
     prefill = "prefill"  # prompt tokens left to write into the slot's cache
@@ -57,6 +62,8 @@ class RowState:
     generator: torch.Generator | None = None
     next_token: int = 0  # fed at position len(cached) by the next decode step
     phase: Phase = Phase.idle
+    source: RowState | None = None  # the row whose slot holds, or is prefilling, this prompt's start
+    shared: int = 0  # how many of this prompt's first tokens to copy from the source's slot
     started: float = 0.0
     first_token_at: float | None = None
 
@@ -67,11 +74,11 @@ class RowState:
 
     def start(self, request: Request, ids: list[int], sampling: Sampling, generator: Any, now: float) -> int:
         """Take a turn; keep the cached tokens that equal the prompt's first ones. Returns how many."""
-        limit = min(len(self.cached), len(ids) - 1)
-        same = next((i for i in range(limit) if self.cached[i] != ids[i]), limit)
+        same = _common_length(self.cached, ids, len(ids) - 1)
         del self.cached[same:]
         self.request, self.sampling, self.ids, self.generator = request, sampling, ids, generator
         self.generated, self.started, self.first_token_at = [], now, None
+        self.source, self.shared = None, 0
         self.phase = Phase.prefill if self.remaining else Phase.decode
         self.next_token = ids[-1]
         return same
@@ -104,7 +111,7 @@ class ContinuousEngine(ChatModel):
         self.cache_argument = (
             "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
         )
-        self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "prefix_mismatches": 0}
+        self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "shared_tokens": 0, "prefix_mismatches": 0}
         self.timings = {
             "steps": 0,
             "decode_steps": 0,
@@ -177,15 +184,51 @@ class ContinuousEngine(ChatModel):
             self.stats["reused_tokens"] += same
             self.stats["prefix_mismatches"] += same < had
             self.stats["prefill_tokens"] += len(ids) - same
+            self._find_shared_prefix(row)
         self.queue = waiting
         return finished
+
+    def _find_shared_prefix(self, row: RowState) -> None:
+        """Find the row whose slot holds, or will once prefilled, the longest start of this turn's
+        prompt beyond what its own slot holds. Rows that wait for a source are not sources, so no
+        two rows wait for each other."""
+        best = len(row.cached) + MIN_SHARED_PREFIX - 1
+        for other in self.rows:
+            if other is row or other.source is not None:
+                continue
+            tokens = other.ids[:-1] if other.phase is Phase.prefill else other.cached
+            length = _common_length(tokens, row.ids, len(row.ids) - 1)
+            if length > best:
+                best, row.source, row.shared = length, other, length
+        self._copy_shared_prefix(row)
+
+    def _copy_shared_prefix(self, row: RowState) -> None:
+        """Copy the shared start from the source's slot once it holds it; keep waiting while the
+        source is still prefilling it; give up (prefill it here) if the source moved on."""
+        source, length = row.source, row.shared
+        if source is None:
+            return
+        alive = source.slot < len(self.rows) and self.rows[source.slot] is source
+        holds = alive and _common_length(source.cached, row.ids, length) == length
+        if not holds:
+            prefilling = source.phase is Phase.prefill and _common_length(source.ids, row.ids, length) == length
+            if not (alive and prefilling):
+                row.source, row.shared = None, 0
+            return
+        self.cache.copy(source.slot, row.slot, len(row.cached), length)
+        self.stats["shared_tokens"] += length - len(row.cached)
+        self.stats["prefill_tokens"] -= length - len(row.cached)
+        row.cached = row.ids[:length]
+        row.source, row.shared = None, 0
+        if not row.remaining:
+            row.phase = Phase.decode
 
     def _release(self, row: RowState) -> None:
         """Free a row's slot; the last occupied slot moves into it so occupied slots stay 0..n-1."""
         self.idle.pop(row.stream, None)
         last = self.rows.pop()
         if last is not row:
-            self.cache.move(last.slot, row.slot, len(last.cached))
+            self.cache.copy(last.slot, row.slot, 0, len(last.cached))
             last.slot = row.slot
             self.rows[row.slot] = last
 
@@ -222,10 +265,14 @@ class ContinuousEngine(ChatModel):
     # -- forward passes -------------------------------------------------------------------------
 
     def _prefill(self) -> list[Outcome]:
-        """One batched chunk of joining prompts: rows of similar remaining length, padding under 20%."""
+        """One batched chunk of joining prompts: rows of similar remaining length, padding under 20%.
+        Rows waiting for a shared start copy it first, or wait for the next step."""
+        for row in self.rows:
+            self._copy_shared_prefix(row)
         group: list[tuple[RowState, int]] = []
         real = 0
-        for row in sorted((r for r in self.rows if r.phase is Phase.prefill), key=lambda r: r.remaining):
+        ready = (r for r in self.rows if r.phase is Phase.prefill and r.source is None)
+        for row in sorted(ready, key=lambda r: r.remaining):
             chunk = min(row.remaining, self.prefill_chunk)
             wider = (len(group) + 1) * chunk
             if group and (wider > self.prefill_chunk or wider > 1.2 * (real + chunk)):
@@ -356,3 +403,9 @@ def build(cfg: Any, setup: Any) -> Any:
         setup.batch_rows,
         cfg.engine.prefill_chunk,
     )
+
+
+def _common_length(first: list[int], second: list[int], limit: int) -> int:
+    """How many leading tokens the two lists share, at most `limit`."""
+    limit = min(limit, len(first), len(second))
+    return next((i for i in range(limit) if first[i] != second[i]), limit)

@@ -77,10 +77,10 @@ class SlotLayer(CacheLayerMixin):
             new[:, :, : old.shape[2]] = old
             setattr(self, name, new)
 
-    def move(self, source: int, target: int, length: int) -> None:
+    def copy(self, source: int, target: int, start: int, stop: int) -> None:
         if self.is_initialized:
-            self.keys[target, :, :length] = self.keys[source, :, :length]
-            self.values[target, :, :length] = self.values[source, :, :length]
+            self.keys[target, :, start:stop] = self.keys[source, :, start:stop]
+            self.values[target, :, start:stop] = self.values[source, :, start:stop]
 
 
 class SlotCache(Cache):
@@ -112,10 +112,11 @@ class SlotCache(Cache):
             layer.grow(self.capacity)
 
     @torch.inference_mode()
-    def move(self, source: int, target: int, length: int) -> None:
-        """Copy a slot's first `length` positions into another slot (to keep occupied slots contiguous)."""
+    def copy(self, source: int, target: int, start: int, stop: int) -> None:
+        """Copy positions start..stop-1 of a slot into another slot (to keep occupied slots
+        contiguous, or to share the KV of a prompt's start that both slots' tokens agree on)."""
         for layer in self.layers:
-            layer.move(source, target, length)
+            layer.copy(source, target, start, stop)
 
     @property
     def nbytes(self) -> int:
