@@ -106,7 +106,6 @@ class ContinuousEngine(ChatModel):
         self.admitted = 0
         self.stop_tensor = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=self.device)
         self.pad = tokenizer.pad_token_id
-        self.additive_mask = model.config._attn_implementation == "eager"
         # transformers 5.24 renamed the cache argument from past_key_values to cache.
         self.cache_argument = (
             "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
@@ -211,8 +210,8 @@ class ContinuousEngine(ChatModel):
         alive = source.slot < len(self.rows) and self.rows[source.slot] is source
         holds = alive and _common_length(source.cached, row.ids, length) == length
         if not holds:
-            prefilling = source.phase is Phase.prefill and _common_length(source.ids, row.ids, length) == length
-            if not (alive and prefilling):
+            prefilling = source.phase is Phase.prefill
+            if not (alive and prefilling and _common_length(source.ids, row.ids, length) == length):
                 row.source, row.shared = None, 0
             return
         self.cache.copy(source.slot, row.slot, len(row.cached), length)
@@ -359,13 +358,14 @@ class ContinuousEngine(ChatModel):
         masks = {"full_attention": visible}
         if "sliding_attention" in self.layer_types and self.sliding_window:
             masks["sliding_attention"] = visible & (keys > positions[:, None, :, None] - self.sliding_window)
-        if self.additive_mask:
-            masks = {
-                name: torch.zeros(m.shape, dtype=self.model.dtype, device=self.device).masked_fill(
-                    ~m, torch.finfo(self.model.dtype).min
-                )
-                for name, m in masks.items()
-            }
+        # Additive masks, made once a pass: eager attention needs them, and SDPA would otherwise
+        # turn a boolean mask into one in every layer (3-4 ms of a 16-row step on a CPU).
+        masks = {
+            name: torch.zeros(m.shape, dtype=self.model.dtype, device=self.device).masked_fill(
+                ~m, torch.finfo(self.model.dtype).min
+            )
+            for name, m in masks.items()
+        }
         with torch.inference_mode():
             output = self.model(
                 input_ids=torch.tensor(input_ids, device=self.device),
