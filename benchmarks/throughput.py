@@ -298,10 +298,11 @@ def report(results: dict[str, dict], bandwidth: float, args: argparse.Namespace,
             f"{name:<16} {result['generated_tokens']:>7} {result['seconds']:>8.1f} {speed:>8.1f} "
             f"{ratio:>8} {speed / roofline:>8.0%} {rss:>7.2f}G {same:>10}  {what}"
         )
-    steps = {name: r["counters"]["steps"] for name, r in results.items() if r["counters"].get("steps")}
-    if steps:
+    counters = {name: r["counters"] for name, r in results.items() if r["counters"].get("steps")}
+    if counters:
         print("decoding steps (continuous engine): mean step, rows per step, and where the time went")
-    for name, step in steps.items():
+    for name, counted in counters.items():
+        step, shared = counted["steps"], counted["cache"]["shared_tokens"]
         total, passes = step["step_seconds"] or 1.0, max(step["decode_steps"], 1)
         shares = ", ".join(
             f"{part} {100 * step[f'{part}_seconds'] / total:.0f}%"
@@ -310,7 +311,7 @@ def report(results: dict[str, dict], bandwidth: float, args: argparse.Namespace,
         print(
             f"  {name:<16} {1000 * step['decode_seconds'] / passes:6.1f} ms per decode pass at "
             f"{step['decode_rows'] / passes:.1f} rows; {step['prefill_passes']} "
-            f"prefill passes ({step['prefill_tokens']} tokens); {shares}"
+            f"prefill passes ({step['prefill_tokens']} tokens, {shared} more copied between slots); {shares}"
         )
     if "batch1" in results and "lookup" in results:
         speculative_rows(results, args)
