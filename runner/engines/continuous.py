@@ -115,6 +115,7 @@ class ContinuousEngine(ChatModel):
             "steps": 0,
             "decode_steps": 0,
             "decode_rows": 0,
+            "decode_pass_rows": 0,
             "decode_seconds": 0.0,
             "prefill_passes": 0,
             "prefill_tokens": 0,
@@ -300,15 +301,18 @@ class ContinuousEngine(ChatModel):
         return []
 
     def _decode(self) -> list[Outcome]:
-        """One token for every decoding row (rows still prefilling or idle ride along, unread)."""
+        """One token for every decoding row. The pass reads the slots up to the last decoding row's
+        as one view; rows still prefilling or idle below it ride along, unread."""
         started = time.perf_counter()
-        rows = self.rows
+        last = max(row.slot for row in self.rows if row.phase is Phase.decode)
+        rows = self.rows[: last + 1]
         positions = torch.tensor([[len(row.cached)] for row in rows], device=self.device)
         tokens = [[row.next_token if row.phase is Phase.decode else self.pad] for row in rows]
         logits = self._forward(tokens, positions, slice(0, len(rows)), int(positions.max()) + 1)
         decoding = [row for row in rows if row.phase is Phase.decode]
         self.timings["decode_steps"] += 1
         self.timings["decode_rows"] += len(decoding)
+        self.timings["decode_pass_rows"] += len(rows)
         sampled = time.perf_counter()
         self.timings["decode_seconds"] += sampled - started
         index = torch.tensor([row.slot for row in decoding], device=logits.device)
