@@ -3,7 +3,7 @@
 At the small row counts of decoding (one token per row) MKL's GEMM streams the weights at a
 fraction of the memory bandwidth on some CPUs, and oneDNN on plain weights re-blocks them on every
 call. Packed once, SmolLM2-135M's weights take 35 ms at 16 rows on a 2-core AMD EPYC, against 55 ms
-for oneDNN on plain weights and 71 ms for MKL (26 against 33 ms at one row). Results agree with
+for oneDNN on plain weights and 71-89 ms for MKL (26 against 33 ms at one row). Results agree with
 PyTorch's to float rounding, and a row's result does not depend on the rows beside it. Only plain
 `nn.Linear` layers with fp32 weights on the CPU are packed; quantized, half-precision and GPU layers
 are left as they are.
