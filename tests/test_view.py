@@ -115,7 +115,7 @@ class Browser:
         assert "error" not in reply, f"{method}: {reply['error']}"
         return reply["result"]
 
-    def open(self, page: Path, fragment: str = "", width: int = 1400, height: int = 900) -> None:
+    def viewport(self, width: int, height: int) -> None:
         self.send(
             "Emulation.setDeviceMetricsOverride",
             width=width,
@@ -123,6 +123,9 @@ class Browser:
             deviceScaleFactor=1,
             mobile=False,
         )
+
+    def open(self, page: Path, fragment: str = "", width: int = 1400, height: int = 900) -> None:
+        self.viewport(width, height)
         for url in ("about:blank", page.as_uri() + fragment):  # a new fragment alone would not reload
             self.send("Page.navigate", url=url)
             while self._message().get("method") != "Page.loadEventFired":
@@ -150,15 +153,7 @@ class Browser:
 
     def screenshot(self, path: Path, full_page: bool = False) -> Path:
         if full_page:  # the window as tall as the page: everything a user scrolls through
-            height = self.js("document.documentElement.scrollHeight")
-            width = self.js("innerWidth")
-            self.send(
-                "Emulation.setDeviceMetricsOverride",
-                width=width,
-                height=height,
-                deviceScaleFactor=1,
-                mobile=False,
-            )
+            self.viewport(self.js("innerWidth"), self.js("document.documentElement.scrollHeight"))
         path.write_bytes(base64.b64decode(self.send("Page.captureScreenshot", format="png")["data"]))
         return path
 
