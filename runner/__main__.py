@@ -11,9 +11,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from runner.config.schema import (
+    CONF_DIR,
+    check_override_keys,
+    refuse_secrets,
+    register_configs,
+    to_run_config,
+)
 from runner.errors import ConfigError, Interrupted, RunInterrupted, RunnerError, raise_interrupted
-from runner.outputs import register_resolvers
-from runner.schema import CONF_DIR, check_override_keys, refuse_secrets, register_configs, to_run_config
+from runner.rundir.layout import register_resolvers
 
 register_configs()
 register_resolvers()
@@ -34,7 +40,7 @@ def main(cfg: DictConfig) -> None:
             # the submitting command waits for the requeued attempt, or reports the job as ended.
             sys.exit(1)
         # Otherwise this job has failed, which its run dir and log say; the sweep's other jobs
-        # still run, and the sweep's end lists every job's status (runner.report.ReportCallback).
+        # still run, and the sweep's end lists every job's status (runner.tools.report.ReportCallback).
     except Exception as error:  # a bug, or the cluster ending the job (submitit's UncompletedJobError)
         if HydraConfig.get().mode is not RunMode.MULTIRUN:
             raise

@@ -16,10 +16,17 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import OmegaConf, open_dict
 
+from runner.config.schema import (
+    CONF_DIR,
+    check_override_keys,
+    refuse_secrets,
+    register_configs,
+    to_run_config,
+)
 from runner.errors import ConfigError, RunnerError
 from runner.log_filters import OncePerRun
-from runner.outputs import MANIFEST, read_records, register_resolvers
-from runner.schema import CONF_DIR, check_override_keys, refuse_secrets, register_configs, to_run_config
+from runner.rundir.layout import MANIFEST, register_resolvers
+from runner.rundir.reader import read_records
 
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as the CLI's (Hydra's) log
 

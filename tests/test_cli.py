@@ -16,7 +16,7 @@ import pytest
 import yaml
 from conftest import PROJECT, chat
 
-from runner.outputs import unique_dir
+from runner.rundir.layout import unique_dir
 
 INPUT = [
     chat(
@@ -227,9 +227,9 @@ def test_runs_in_the_same_second_get_distinct_dirs(tmp_path, monkeypatch):
     first = unique_dir(base)
     assert unique_dir(base) == first  # the same process resolves the same dir
     (tmp_path / "outputs" / "2026-01-01" / "10-00-00-1").mkdir()  # taken by a third run
-    from runner import outputs
+    from runner.rundir import layout
 
-    outputs._claimed_dirs.clear()  # a second process
+    layout._claimed_dirs.clear()  # a second process
     assert unique_dir(base) == base + "-2"
 
 
@@ -490,7 +490,7 @@ def test_outputs_latest_points_at_the_newest_run_and_the_viewer_takes_it(write_j
 
 
 def test_a_run_outside_outputs_leaves_latest_alone_and_report_takes_the_newest_sweep(tmp_path):
-    from runner.outputs import LATEST_SWEEP, point_latest
+    from runner.rundir.layout import LATEST_SWEEP, point_latest
 
     sweep = tmp_path / "outputs" / "multirun" / "2026-01-01" / "10-00-00"
     sweep.mkdir(parents=True)

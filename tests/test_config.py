@@ -9,10 +9,10 @@ import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from runner.arguments import resolve_batch_size, transformers_arguments
+from runner.config.schema import RunConfig, to_run_config
 from runner.errors import ConfigError
-from runner.hardware import Hardware
-from runner.schema import RunConfig, to_run_config
+from runner.model.arguments import resolve_batch_size, transformers_arguments
+from runner.model.hardware import Hardware
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "precision", "quant", "device", "generation", "engine")

@@ -9,15 +9,10 @@ from pathlib import Path
 import pytest
 from conftest import chat
 
-from runner.conversations import (
-    Message,
-    fold_system_message,
-    load_conversations,
-    read_conversations,
-    resolve_input_files,
-)
+from runner.config.schema import InputFormat
 from runner.errors import InputError
-from runner.schema import InputFormat
+from runner.inputs.conversation import Message, fold_system_message
+from runner.inputs.reader import load_conversations, read_conversations, resolve_input_files
 
 GOOD = chat("a", ("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye"))
 

@@ -8,13 +8,13 @@ from types import MappingProxyType
 
 import pytest
 
-from runner.conversations import Conversation, Message
-from runner.engines.chat import stop_token_ids, template_supports_system_role
-from runner.engines.continuous import ContinuousEngine, Phase
+from runner.config.schema import ReplayMode
+from runner.engines.chat_model import stop_token_ids, template_supports_system_role
+from runner.engines.continuous.engine import ContinuousEngine, Phase
 from runner.engines.pipeline import PipelineEngine
 from runner.engines.protocol import Reply, Request, Sampling
+from runner.inputs.conversation import Conversation, Message
 from runner.replay import replay_all, replay_conversation
-from runner.schema import ReplayMode
 
 pytestmark = pytest.mark.slow
 
@@ -363,9 +363,9 @@ def test_control_tokens_in_user_content_are_flagged(smol_pipeline, smol_model):
 # and 21/23.
 @pytest.mark.parametrize(("quant", "floor"), [("int8", 0.3), ("int4", 0.75)])
 def test_quantized_replies_match_the_pipeline(compose_config, quant, floor, capsys):
-    from runner import model
+    from runner.config.schema import to_run_config
     from runner.engines import EngineSetup, build_engine
-    from runner.schema import to_run_config
+    from runner.model import loading as model
 
     cfg = to_run_config(compose_config(f"quant={quant}", "device=cpu", "generation.max_new_tokens=12"))
     hardware, arguments = model.prepare(cfg)

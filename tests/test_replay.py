@@ -7,8 +7,9 @@ from types import MappingProxyType
 
 import pytest
 
-from runner.conversations import Conversation, Message
+from runner.config.schema import ReplayMode
 from runner.engines.protocol import WholeTurnEngine
+from runner.inputs.conversation import Conversation, Message
 from runner.replay import (
     Reply,
     Request,
@@ -18,7 +19,6 @@ from runner.replay import (
     replies_to_generate,
     trajectory_seed,
 )
-from runner.schema import ReplayMode
 
 
 class ScriptedEngine(WholeTurnEngine):

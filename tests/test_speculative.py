@@ -12,15 +12,15 @@ from conftest import chat
 from test_cli import read_jsonl, run_cli
 from test_engine import DOZEN, GREEDY, replay_texts
 
-from runner.conversations import Conversation, Message
-from runner.engines.continuous import ContinuousEngine
+from runner.config.schema import ReplayMode, to_run_config
+from runner.engines.continuous.engine import ContinuousEngine
 from runner.engines.pipeline import PipelineEngine
 from runner.engines.protocol import Request, Sampling
 from runner.errors import ConfigError
-from runner.hardware import Hardware
-from runner.model import load_assistant
+from runner.inputs.conversation import Conversation, Message
+from runner.model.hardware import Hardware
+from runner.model.loading import load_assistant
 from runner.replay import replay_all
-from runner.schema import ReplayMode, to_run_config
 
 pytestmark = pytest.mark.slow
 

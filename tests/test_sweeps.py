@@ -14,8 +14,9 @@ import pytest
 from conftest import PROJECT, chat
 
 from runner.errors import RunnerError
-from runner.merge import merge
-from runner.outputs import manifest, record_sha256
+from runner.rundir.resume import manifest
+from runner.rundir.writer import record_sha256
+from runner.tools.merge import merge
 
 FIVE = [chat(f"q{i}", ("user", f"Count to {i + 2}."), ("user", "Again, backwards.")) for i in range(5)]
 

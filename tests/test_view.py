@@ -458,7 +458,7 @@ def test_the_layout_at_420_and_1400_px(counted, browser, tmp_path):
 
 @pytest.mark.slow
 def test_the_report_chart_labels_jobs_as_the_viewer_with_resolved_precision_and_device(sweep, tmp_path):
-    from runner.report import _chart, chart_labels, job_rows
+    from runner.tools.report import _chart, chart_labels, job_rows
 
     rows = job_rows(sweep)
     setups = []

@@ -10,7 +10,7 @@ itself, `scontrol requeue`, reruns with its first overrides: the runner resumes 
 `SLURM_RESTART_COUNT`.)
 
 A job that fails, whatever raised, is logged in its job dir and returned as a finished job: the
-sweep's end lists it as failed in one line (runner.report), never as a traceback that would hide
+sweep's end lists it as failed in one line (runner.tools.report), never as a traceback that would hide
 the other jobs. On a cluster without accounting, where submitit's `sacct` polls would fail (a
 warning each, and a job killed before its result would be waited for for ever), job states come
 from `squeue`.

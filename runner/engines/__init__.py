@@ -11,8 +11,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
+from runner.config.schema import RunConfig
 from runner.engines.protocol import Engine
-from runner.schema import RunConfig
 
 
 @dataclass(frozen=True)
@@ -21,8 +21,8 @@ class EngineSetup:
     generate arguments, the tokenizer (the chat template already checked every conversation), and
     the batch the memory plan allows."""
 
-    hardware: Any  # runner.hardware.Hardware
-    arguments: Any  # runner.arguments.TransformersArguments
+    hardware: Any  # runner.model.hardware.Hardware
+    arguments: Any  # runner.model.arguments.TransformersArguments
     tokenizer: Any
     batch_rows: int
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TextGenerationPipeline, set_seed
 
-from runner.engines.chat import ChatModel, cut_at_stop
+from runner.engines.chat_model import ChatModel, cut_at_stop
 from runner.engines.protocol import Reply, Request, TurnError, WholeTurnEngine
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def _generate_kwargs(sampling: Any) -> dict[str, Any]:
 
 def build(cfg: Any, setup: Any) -> PipelineEngine:
     """engine=pipeline: the model inside a TextGenerationPipeline, with its draft model if any."""
-    from runner.model import load_assistant, load_pipeline
+    from runner.model.loading import load_assistant, load_pipeline
 
     pipe = load_pipeline(setup.arguments.load, ChatReplayPipeline, setup.tokenizer)
     generate = setup.arguments.generate

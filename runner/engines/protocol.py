@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from runner.conversations import Message
+from runner.inputs.conversation import Message
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Sampling:
 
     @classmethod
     def from_config(cls, generation: Any) -> Sampling:
-        """The run's generation config (runner.schema.GenerationConfig) as per-turn settings."""
+        """The run's generation config (runner.config.schema.GenerationConfig) as per-turn settings."""
         return cls(
             max_new_tokens=generation.max_new_tokens,
             min_new_tokens=generation.min_new_tokens,

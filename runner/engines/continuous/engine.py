@@ -29,11 +29,10 @@ from typing import Any
 import torch
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 
-from runner.engines.chat import ChatModel
-from runner.engines.cpu_linear import use_onednn_linear
+from runner.engines.chat_model import ChatModel
+from runner.engines.continuous.sampling import next_tokens
+from runner.engines.continuous.slot_cache import SlotCache
 from runner.engines.protocol import Outcome, Request, Sampling, TurnError
-from runner.engines.sampling import next_tokens
-from runner.engines.slot_cache import SlotCache
 
 log = logging.getLogger(__name__)
 
@@ -379,33 +378,6 @@ class ContinuousEngine(ChatModel):
                 **{self.cache_argument: self.cache},
             )
         return output.logits
-
-
-def build(cfg: Any, setup: Any) -> Any:
-    """engine=continuous: the model alone, or the pipeline engine when decoding speculatively
-    (transformers drafts for one sequence at a time, so that stays a batch-1 generate path)."""
-    from runner.model import load_causal_lm
-
-    if cfg.generation.speculation:
-        from runner.engines import pipeline
-
-        log.info(
-            "speculative decoding (%s) runs one turn at a time through generate (engine=pipeline's path)",
-            cfg.generation.speculation,
-        )
-        return pipeline.build(cfg, setup)
-    model = load_causal_lm(setup.arguments.load)
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = setup.tokenizer.pad_token_id
-    if packed := use_onednn_linear(model, setup.batch_rows):
-        log.info("%d fp32 linear layers on the CPU run through oneDNN, their weights packed", packed)
-    return ContinuousEngine(
-        model,
-        setup.tokenizer,
-        Sampling.from_config(cfg.generation),
-        setup.batch_rows,
-        cfg.engine.prefill_chunk,
-    )
 
 
 def _common_length(first: list[int], second: list[int], limit: int) -> int:

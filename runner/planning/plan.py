@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from runner.schema import ArchitectureConfig, QuantConfig, QuantMethod
+from runner.config.schema import ArchitectureConfig, QuantConfig, QuantMethod
 
 # Of a device's free memory, what weights and KV cache may take: the rest is for activations,
 # logits and the CUDA context.

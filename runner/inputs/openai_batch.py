@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from runner.conversations import LineError
+from runner.inputs.rejects import LineError
 
 URL = "/v1/chat/completions"
 HONOURED = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop")

@@ -9,8 +9,8 @@ from typing import Any
 
 from jinja2.exceptions import TemplateError
 
-from runner.conversations import Message
 from runner.engines.protocol import Reply, Request, TurnError
+from runner.inputs.conversation import Message
 
 _SENTINEL = "chat-runner system-role probe"
 

@@ -1,34 +1,35 @@
-"""Read conversation JSONL files, validate every line, and hold them as frozen Conversations.
-
-Everything is checked before any weights load, and every problem in every file is reported as
-`file:line: reason` at once, so a user fixes a bad file in one pass.
+"""One JSONL line -> a validated Conversation: the JSON checks every format shares, format detection,
+and the parsers of the messages (OpenAI), conversations (ShareGPT) and turns (MT-bench) forms; OpenAI
+Batch requests are runner/inputs/openai_batch.py's.
 """
 
 from __future__ import annotations
 
 import functools
-import glob
-import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from runner.errors import InputError
-from runner.schema import InputFormat
+from runner.config.schema import InputFormat
+from runner.inputs import openai_batch
+from runner.inputs.conversation import ROLES, Conversation, Message
+from runner.inputs.rejects import LineError
 
-ROLES = ("system", "user", "assistant")
 # Top-level keys the runner owns in its output records: an input line may not carry them.
 RESERVED_KEYS = ("replay",)
-SYSTEM_FOLD_SEPARATOR = "\n\n"
-MAX_LINE_BYTES = 16 * 2**20
+
+
 # Nesting of lists and objects a line may have: deeper is a `too_deep` reject (JSON parsers and
 # our own writer recurse, and no conversation needs more).
 MAX_DEPTH = 100
+
+
 OPENAI_ROLES = {role: role for role in ROLES}
+
+
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
@@ -36,222 +37,6 @@ SHAREGPT_ROLES = {
     "gpt": "assistant",
     "assistant": "assistant",
 }
-
-
-@dataclass(frozen=True)
-class Message:
-    role: str
-    content: str
-
-    def as_dict(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
-
-
-@dataclass(frozen=True)
-class Conversation:
-    """One input line: its id, messages, the other keys (carried to the output) and its origin."""
-
-    id: str | int
-    messages: tuple[Message, ...]
-    extra: Mapping[str, Any]
-    source: Path
-    line: int
-    # The line's own decoding settings over the run's (an OpenAI Batch request's max_tokens, ...):
-    # Sampling fields, and `seed` in place of generation.seed.
-    settings: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-
-    @property
-    def where(self) -> str:
-        return f"{self.source}:{self.line}"
-
-
-class LineError(ValueError):
-    """Why one line is not a valid conversation (the caller adds file and line).
-
-    `code` is stable (for rejected.jsonl and scripts); the message says what and where.
-    """
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-def resolve_input_files(paths: str | Sequence[str]) -> list[Path]:
-    """Files, directories (their *.jsonl, sorted) or globs -> the files to read, in order.
-
-    A file reached twice (named twice, or by a name and a glob) is an error, not read twice.
-    """
-    files: list[Path] = []
-    problems: list[str] = []
-    first_named: dict[Path, str] = {}
-    for path in [paths] if isinstance(paths, str) else paths:
-        try:
-            matched = _matching_files(path)
-        except InputError as error:
-            problems += error.problems
-            continue
-        for file in matched:
-            resolved = file.resolve()
-            if resolved in first_named:
-                problems.append(
-                    f"{file}: named twice in input.path (by {first_named[resolved]!r} and {path!r})"
-                )
-                continue
-            first_named[resolved] = path
-            files.append(file)
-    if problems:
-        raise InputError(problems)
-    return files
-
-
-def _matching_files(path: str) -> list[Path]:
-    candidate = Path(path).expanduser()
-    if candidate.is_dir():
-        files = sorted(candidate.glob("*.jsonl"))
-        where = f"directory {candidate} has no *.jsonl files"
-    elif candidate.is_file():
-        files = [candidate]
-        where = ""
-    elif glob.has_magic(path):
-        files = sorted(Path(p) for p in glob.glob(str(candidate), recursive=True) if Path(p).is_file())
-        where = f"glob {path!r} matches no files"
-    else:
-        raise InputError([f"{path}: no such file or directory (set input.path=<file, dir or glob>)"])
-    if not files:
-        raise InputError([f"{where} (set input.path=<file, dir or glob>)"])
-    return files
-
-
-# How much of a rejected line rejected.jsonl keeps (with the whole line's length and sha256), so
-# that many huge bad lines cost neither memory nor disk.
-RAW_PREFIX_BYTES = 4096
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """A line that is not a valid conversation: where, why (a stable code and a message), and what:
-    the line's first RAW_PREFIX_BYTES bytes, its whole length and its sha256."""
-
-    source: Path
-    line: int
-    id: str | int | None
-    code: str
-    message: str
-    raw: bytes
-    raw_bytes: int = 0
-    raw_sha256: str = ""
-
-    @classmethod
-    def of(
-        cls, source: Path, line: int, id: str | int | None, code: str, message: str, raw: bytes
-    ) -> Rejected:
-        """A reject of the whole line `raw` (only its prefix is kept)."""
-        digest = hashlib.sha256(raw).hexdigest()
-        return cls(source, line, id, code, message, raw[:RAW_PREFIX_BYTES], len(raw), digest)
-
-    def __str__(self) -> str:
-        return f"{self.source}:{self.line}: {self.message}"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "file": str(self.source),
-            "line": self.line,
-            "id": self.id,
-            "code": self.code,
-            "message": self.message,
-            "raw": self.raw.decode("utf-8", errors="backslashreplace"),
-            "raw_bytes": self.raw_bytes,
-            "raw_sha256": self.raw_sha256,
-        }
-
-
-def load_conversations(
-    files: Iterable[Path], form: InputFormat = InputFormat.auto, max_line_bytes: int = MAX_LINE_BYTES
-) -> list[Conversation]:
-    """Read and validate every line of every file; raise InputError listing all problems."""
-    conversations, rejected = read_conversations(files, form, max_line_bytes)
-    if rejected:
-        raise InputError([str(reject) for reject in rejected])
-    return conversations
-
-
-def read_conversations(
-    files: Iterable[Path], form: InputFormat = InputFormat.auto, max_line_bytes: int = MAX_LINE_BYTES
-) -> tuple[list[Conversation], list[Rejected]]:
-    """Every valid conversation of every file, and every invalid line with its reason, in file order.
-
-    Ids are unique across the whole run: 1 and "1" collide (they print the same), and every later
-    occurrence is rejected, naming the first.
-    """
-    conversations: list[Conversation] = []
-    rejected: list[Rejected] = []
-    first_seen: dict[str, str] = {}
-    for path in files:
-        for line_number, raw, whole in _numbered_lines(path, max_line_bytes):
-            if whole is not None:  # longer than max_line_bytes: only its start was read
-                limit = f"input.max_line_bytes={max_line_bytes}"
-                message = f"line of {whole[0]} bytes, longer than {limit} (not parsed)"
-                reject = Rejected(path, line_number, None, "line_too_long", message, raw, *whole)
-                rejected.append(reject)
-                continue
-            try:
-                conversation = parse_conversation(raw, path, line_number, form)
-            except LineError as error:
-                rejected.append(Rejected.of(path, line_number, _id_of(raw), error.code, str(error), raw))
-                continue
-            key = str(conversation.id)
-            if key in first_seen:
-                message = f"duplicate id {key!r} (first at {first_seen[key]})"
-                rejected.append(Rejected.of(path, line_number, conversation.id, "duplicate_id", message, raw))
-                continue
-            first_seen[key] = conversation.where
-            conversations.append(conversation)
-    return conversations, rejected
-
-
-def _id_of(raw: bytes) -> str | int | None:
-    """The id of a rejected line, when it can still be read."""
-    try:
-        record = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-    value = record.get("id", record.get("question_id")) if isinstance(record, dict) else None
-    return value if isinstance(value, str | int) and not isinstance(value, bool) else None
-
-
-def _numbered_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, bytes, tuple[int, str] | None]]:
-    """Yield (1-based line number, raw bytes, None) for non-blank lines; split on b"\n" only.
-
-    Binary reading keeps U+2028 and other Unicode line separators inside their record, a CRLF
-    line end loses its "\r", and a UTF-8 byte-order mark at the start of the file is dropped. A
-    line longer than `max_line_bytes` is read on in chunks (memory stays bounded) and yielded as
-    its first bytes with (its whole length, its sha256) in place of None, for the caller to reject.
-    """
-    with path.open("rb") as stream:
-        line_number = 0
-        while raw := stream.readline(max_line_bytes + 2):
-            line_number += 1
-            if len(raw) == max_line_bytes + 2 and not raw.endswith(b"\n"):  # longer still: read on
-                digest, length = hashlib.sha256(raw), len(raw)
-                while (rest := stream.readline(1 << 20)) and not rest.endswith(b"\n"):
-                    digest.update(rest)
-                    length += len(rest)
-                rest = rest.rstrip(b"\r\n")
-                digest.update(rest)
-                yield (
-                    line_number,
-                    raw[: min(max_line_bytes + 1, RAW_PREFIX_BYTES)],
-                    (
-                        length + len(rest),
-                        digest.hexdigest(),
-                    ),
-                )
-                continue
-            if line_number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            raw = raw.rstrip(b"\r\n")
-            if raw.strip():
-                yield line_number, raw, None
 
 
 def parse_conversation(
@@ -280,8 +65,6 @@ def parse_conversation(
             )
     form = _detect_format(record) if form is InputFormat.auto else form
     if form is InputFormat.openai_batch:
-        from runner import openai_batch
-
         if not openai_batch.is_request(record):
             raise LineError("unknown_format", "an OpenAI Batch request needs 'custom_id' and 'body'")
         conversation_id, entries, settings, recorded = openai_batch.parse_request(record)
@@ -431,15 +214,6 @@ def _text(where: str, content: Any, key: str = "content") -> str:
     return content
 
 
-def fold_system_message(messages: tuple[Message, ...]) -> tuple[Message, ...]:
-    """For templates without a system role: prepend the system text to the first user turn."""
-    if not messages or messages[0].role != "system":
-        return messages
-    system, first, *rest = messages
-    folded = Message("user", system.content + SYSTEM_FOLD_SEPARATOR + first.content)
-    return (folded, *rest)
-
-
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     duplicates = sorted(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
     if duplicates:
@@ -461,6 +235,8 @@ FORMAT_KEYS = {
     InputFormat.sharegpt: "conversations",
     InputFormat.turns: "turns",
 }
+
+
 FORMAT_PARSERS = {
     InputFormat.messages: functools.partial(
         _parse_entries, role_key="role", text_key="content", roles=OPENAI_ROLES

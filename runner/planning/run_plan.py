@@ -10,12 +10,7 @@ from typing import Any
 import torch
 from accelerate.utils import convert_file_size_to_int
 
-from runner.arguments import DTYPE_NAMES, resolve_dtype, transformers_arguments
-from runner.embedded import embedded_checkpoint
-from runner.errors import ConfigError, ModelLoadError
-from runner.hardware import Hardware
-from runner.plan import MemoryPlan, kv_bytes_per_token, make_plan, weights_bytes
-from runner.schema import (
+from runner.config.schema import (
     ArchitectureConfig,
     DeviceKind,
     ModelSource,
@@ -24,6 +19,11 @@ from runner.schema import (
     RunConfig,
     model_preset,
 )
+from runner.errors import ConfigError, ModelLoadError
+from runner.model.arguments import DTYPE_NAMES, resolve_dtype, transformers_arguments
+from runner.model.embedded import embedded_checkpoint
+from runner.model.hardware import Hardware
+from runner.planning.plan import MemoryPlan, kv_bytes_per_token, make_plan, weights_bytes
 
 
 def architecture(cfg: RunConfig, load: dict[str, Any]) -> ArchitectureConfig:

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from transformers import BitsAndBytesConfig
 
+from runner.config.schema import DeviceKind, EngineKind, ModelSource, Precision, QuantMethod, RunConfig
 from runner.errors import ConfigError
-from runner.hardware import Hardware
-from runner.schema import DeviceKind, EngineKind, ModelSource, Precision, QuantMethod, RunConfig
+from runner.model.hardware import Hardware
 
 DTYPES = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
 

@@ -376,7 +376,7 @@ def config_record(cfg: RunConfig) -> dict[str, Any]:
 def _conf_dir() -> Path:
     """The config groups: the repo's conf/ in a checkout (their one source), or the copy a wheel
     installs as runner/conf (pyproject.toml maps conf/ there)."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parent.parent
     checkout = package.parent / "conf"
     return checkout if (checkout / "config.yaml").is_file() else package / "conf"
 

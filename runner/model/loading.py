@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from runner.arguments import TransformersArguments, transformers_arguments
+from runner.config.schema import RunConfig
 from runner.errors import ConfigError, ModelLoadError
-from runner.hardware import Hardware, detect_hardware, planned_gpus, use_granted_cpus
-from runner.memory import draft_model, embedded_dir
-from runner.schema import RunConfig
+from runner.model.arguments import TransformersArguments, transformers_arguments
+from runner.model.hardware import Hardware, detect_hardware, planned_gpus, use_granted_cpus
+from runner.planning.run_plan import draft_model, embedded_dir
 
 log = logging.getLogger(__name__)
 

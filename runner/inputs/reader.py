@@ -1,0 +1,155 @@
+"""Read conversation JSONL files: resolve the input paths, read every line with bounded memory,
+parse and validate it, and report every problem in every file as `file:line: reason` at once, so a
+user fixes a bad file in one pass. Everything is checked before any weights load.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+from runner.config.schema import InputFormat
+from runner.errors import InputError
+from runner.inputs.conversation import Conversation
+from runner.inputs.formats import parse_conversation
+from runner.inputs.rejects import RAW_PREFIX_BYTES, LineError, Rejected
+
+MAX_LINE_BYTES = 16 * 2**20
+
+
+def resolve_input_files(paths: str | Sequence[str]) -> list[Path]:
+    """Files, directories (their *.jsonl, sorted) or globs -> the files to read, in order.
+
+    A file reached twice (named twice, or by a name and a glob) is an error, not read twice.
+    """
+    files: list[Path] = []
+    problems: list[str] = []
+    first_named: dict[Path, str] = {}
+    for path in [paths] if isinstance(paths, str) else paths:
+        try:
+            matched = _matching_files(path)
+        except InputError as error:
+            problems += error.problems
+            continue
+        for file in matched:
+            resolved = file.resolve()
+            if resolved in first_named:
+                problems.append(
+                    f"{file}: named twice in input.path (by {first_named[resolved]!r} and {path!r})"
+                )
+                continue
+            first_named[resolved] = path
+            files.append(file)
+    if problems:
+        raise InputError(problems)
+    return files
+
+
+def _matching_files(path: str) -> list[Path]:
+    candidate = Path(path).expanduser()
+    if candidate.is_dir():
+        files = sorted(candidate.glob("*.jsonl"))
+        where = f"directory {candidate} has no *.jsonl files"
+    elif candidate.is_file():
+        files = [candidate]
+        where = ""
+    elif glob.has_magic(path):
+        files = sorted(Path(p) for p in glob.glob(str(candidate), recursive=True) if Path(p).is_file())
+        where = f"glob {path!r} matches no files"
+    else:
+        raise InputError([f"{path}: no such file or directory (set input.path=<file, dir or glob>)"])
+    if not files:
+        raise InputError([f"{where} (set input.path=<file, dir or glob>)"])
+    return files
+
+
+def load_conversations(
+    files: Iterable[Path], form: InputFormat = InputFormat.auto, max_line_bytes: int = MAX_LINE_BYTES
+) -> list[Conversation]:
+    """Read and validate every line of every file; raise InputError listing all problems."""
+    conversations, rejected = read_conversations(files, form, max_line_bytes)
+    if rejected:
+        raise InputError([str(reject) for reject in rejected])
+    return conversations
+
+
+def read_conversations(
+    files: Iterable[Path], form: InputFormat = InputFormat.auto, max_line_bytes: int = MAX_LINE_BYTES
+) -> tuple[list[Conversation], list[Rejected]]:
+    """Every valid conversation of every file, and every invalid line with its reason, in file order.
+
+    Ids are unique across the whole run: 1 and "1" collide (they print the same), and every later
+    occurrence is rejected, naming the first.
+    """
+    conversations: list[Conversation] = []
+    rejected: list[Rejected] = []
+    first_seen: dict[str, str] = {}
+    for path in files:
+        for line_number, raw, whole in _numbered_lines(path, max_line_bytes):
+            if whole is not None:  # longer than max_line_bytes: only its start was read
+                limit = f"input.max_line_bytes={max_line_bytes}"
+                message = f"line of {whole[0]} bytes, longer than {limit} (not parsed)"
+                reject = Rejected(path, line_number, None, "line_too_long", message, raw, *whole)
+                rejected.append(reject)
+                continue
+            try:
+                conversation = parse_conversation(raw, path, line_number, form)
+            except LineError as error:
+                rejected.append(Rejected.of(path, line_number, _id_of(raw), error.code, str(error), raw))
+                continue
+            key = str(conversation.id)
+            if key in first_seen:
+                message = f"duplicate id {key!r} (first at {first_seen[key]})"
+                rejected.append(Rejected.of(path, line_number, conversation.id, "duplicate_id", message, raw))
+                continue
+            first_seen[key] = conversation.where
+            conversations.append(conversation)
+    return conversations, rejected
+
+
+def _id_of(raw: bytes) -> str | int | None:
+    """The id of a rejected line, when it can still be read."""
+    try:
+        record = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    value = record.get("id", record.get("question_id")) if isinstance(record, dict) else None
+    return value if isinstance(value, str | int) and not isinstance(value, bool) else None
+
+
+def _numbered_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, bytes, tuple[int, str] | None]]:
+    """Yield (1-based line number, raw bytes, None) for non-blank lines; split on b"\n" only.
+
+    Binary reading keeps U+2028 and other Unicode line separators inside their record, a CRLF
+    line end loses its "\r", and a UTF-8 byte-order mark at the start of the file is dropped. A
+    line longer than `max_line_bytes` is read on in chunks (memory stays bounded) and yielded as
+    its first bytes with (its whole length, its sha256) in place of None, for the caller to reject.
+    """
+    with path.open("rb") as stream:
+        line_number = 0
+        while raw := stream.readline(max_line_bytes + 2):
+            line_number += 1
+            if len(raw) == max_line_bytes + 2 and not raw.endswith(b"\n"):  # longer still: read on
+                digest, length = hashlib.sha256(raw), len(raw)
+                while (rest := stream.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    digest.update(rest)
+                    length += len(rest)
+                rest = rest.rstrip(b"\r\n")
+                digest.update(rest)
+                yield (
+                    line_number,
+                    raw[: min(max_line_bytes + 1, RAW_PREFIX_BYTES)],
+                    (
+                        length + len(rest),
+                        digest.hexdigest(),
+                    ),
+                )
+                continue
+            if line_number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            raw = raw.rstrip(b"\r\n")
+            if raw.strip():
+                yield line_number, raw, None

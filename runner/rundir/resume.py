@@ -1,0 +1,116 @@
+"""What a run is made of (the manifest), and what an interrupted run left: resume checks the
+manifest, cuts a torn last line, and keeps each complete record once, in input order."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from runner.errors import RunnerError
+from runner.rundir.layout import MANIFEST
+from runner.rundir.reader import read_records
+from runner.rundir.writer import write_jsonl_atomically
+
+log = logging.getLogger(__name__)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest(config: dict[str, Any], files: list[Path]) -> dict[str, Any]:
+    """What a run is made of, so that resume can refuse to mix two different runs in one dir."""
+    return {
+        "config": config,
+        "inputs": [{"path": str(path), "sha256": file_sha256(path)} for path in files],
+    }
+
+
+def check_resumable(run_dir: Path, expected: dict[str, Any]) -> None:
+    """Refuse to resume into `run_dir` unless its manifest matches this run's config and inputs."""
+    path = run_dir / MANIFEST
+    recorded = json.loads(path.read_text(encoding="utf-8"))
+    differences = [
+        f"config {key}: {old!r} then, {new!r} now"
+        for key, old, new in _changed(recorded["config"], expected["config"])
+    ]
+    if [i["path"] for i in recorded["inputs"]] != [i["path"] for i in expected["inputs"]]:
+        differences.append(
+            f"input files: {[i['path'] for i in recorded['inputs']]} then, "
+            f"{[i['path'] for i in expected['inputs']]} now"
+        )
+    else:
+        differences += [
+            f"input {old['path']} changed (sha256 {old['sha256'][:12]}... then, {new['sha256'][:12]}... now)"
+            for old, new in zip(recorded["inputs"], expected["inputs"], strict=True)
+            if old["sha256"] != new["sha256"]
+        ]
+    if differences:
+        shown = "\n  ".join(differences)
+        raise RunnerError(f"cannot resume {run_dir}: this run differs from the one there:\n  {shown}")
+
+
+def _changed(old: Any, new: Any, key: str = "") -> list[tuple[str, Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            change
+            for name in sorted(set(old) | set(new))
+            for change in _changed(old.get(name), new.get(name), f"{key}.{name}" if key else name)
+        ]
+    return [] if old == new else [(key, old, new)]
+
+
+def completed_records(path: Path) -> list[dict[str, Any]]:
+    """The whole records of a chats file left by an interrupted run.
+
+    A torn last line (a crash mid-write) is moved aside to `<file>.corrupt-<offset>` and cut off,
+    so that its conversation is generated again, once.
+    """
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    whole = data.rfind(b"\n") + 1
+    if whole < len(data):
+        path.with_name(f"{path.name}.corrupt-{whole}").write_bytes(data[whole:])
+        with path.open("r+b") as stream:
+            stream.truncate(whole)
+            os.fsync(stream.fileno())
+    return read_records(path)
+
+
+def repair_order(
+    path: Path, records: list[dict[str, Any]], order: dict[tuple[str, int], int]
+) -> list[dict[str, Any]]:
+    """A chats file's records once each, in input order: duplicates dropped and the order restored
+    (rewritten atomically, with a log line); a record of no conversation of this run is refused.
+
+    Args:
+        order: (str(id), sample) of each conversation sample of this run -> its place in input order.
+    """
+    unique: dict[tuple[str, int], dict[str, Any]] = {}
+    for line, record in enumerate(records, start=1):
+        key = (str(record["id"]), record["replay"]["sample"])
+        if key not in order:
+            raise RunnerError(
+                f"{path}:{line}: record {record['id']!r} (sample {key[1]}) is no conversation of this run's "
+                "input: the file was edited or comes from another run; cannot resume into it"
+            )
+        unique.setdefault(key, record)
+    repaired = sorted(unique.values(), key=lambda r: order[(str(r["id"]), r["replay"]["sample"])])
+    if repaired != records:
+        write_jsonl_atomically(path, repaired)
+        log.warning(
+            "repaired %s: %d duplicate record(s) dropped, %d record(s) held; input order restored",
+            path,
+            len(records) - len(unique),
+            len(repaired),
+        )
+    return repaired

@@ -1,0 +1,224 @@
+"""`python -m runner.merge OUT SHARD_DIR...`: join the run dirs of a sharded replay into one.
+
+The shards must be one replay cut in pieces: the same inputs (sha256) and config but for
+`shard.index`, every index of `shard.count` present once, each run completed. Merge reads the
+inputs again (refusing them if their sha256 is not the manifests') and checks that each shard holds
+exactly the conversations its index owns, each once, each record as the run wrote it (its sha256 in
+the shard's summary.json). OUT gets one chats file per input, in input order, as a single run would
+have written it, plus the union of rejected lines, a manifest and a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runner.config.schema import InputFormat
+from runner.errors import RunnerError
+from runner.inputs.conversation import Conversation
+from runner.inputs.reader import read_conversations
+from runner.rundir.layout import MANIFEST, REJECTED, chat_paths
+from runner.rundir.reader import read_records
+from runner.rundir.resume import file_sha256
+from runner.rundir.writer import record_sha256, write_json_atomically, write_jsonl_atomically
+
+SHOWN_PROBLEMS = 20  # a refusal lists at most this many problems, then counts the rest
+
+Key = tuple[str, int]  # (str(id), sample): one record of a run
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A shard's run dir with what it says of itself."""
+
+    path: Path
+    manifest: dict[str, Any]
+    summary: dict[str, Any]
+
+    @classmethod
+    def read(cls, path: Path) -> Shard:
+        return cls(path, _read_json(path / MANIFEST), _read_json(path / "summary.json"))
+
+    @property
+    def index(self) -> int:
+        return self.manifest["config"]["shard"]["index"]
+
+
+def merge(shard_dirs: list[Path], out: Path) -> dict[str, Any]:
+    """Check that the shards make one whole replay, then write it to `out`; return its summary."""
+    shards = [Shard.read(path) for path in shard_dirs]
+    _check_shards(shards)
+    if out.exists() and any(out.iterdir()):
+        raise RunnerError(f"{out} is not empty: merge into a new directory")
+    files, conversations = _validated_input(shards[0])
+    problems: list[str] = []
+    by_file: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for shard in shards:
+        for name, records in _verified_records(shard, files, conversations, problems).items():
+            by_file[name] += records
+    if problems:
+        shown = problems[:SHOWN_PROBLEMS]
+        if len(problems) > SHOWN_PROBLEMS:
+            shown.append(f"... and {len(problems) - SHOWN_PROBLEMS} more")
+        raise RunnerError("cannot merge:\n  " + "\n  ".join(shown))
+
+    (out / "chats").mkdir(parents=True, exist_ok=True)
+    for name, records in by_file.items():
+        records.sort(key=lambda record: (record["replay"]["line"], record["replay"]["sample"]))
+        write_jsonl_atomically(out / name, records)
+    rejected = {
+        (reject["file"], reject["line"]): reject for shard in shards for reject in _rejects(shard.path)
+    }
+    if rejected:
+        write_jsonl_atomically(out / REJECTED, [rejected[key] for key in sorted(rejected)])
+    manifest = shards[0].manifest
+    config = {**manifest["config"], "shard": {"index": 0, "count": 1}}
+    write_json_atomically(out / MANIFEST, {"config": config, "inputs": manifest["inputs"]})
+    summaries = [shard.summary for shard in shards]
+    summary = {
+        "status": "merged",
+        "shards": [str(shard.path) for shard in shards],
+        "records": sum(len(records) for records in by_file.values()),
+        "rejected": len(rejected),
+        "turns": sum(s["turns"] for s in summaries),
+        "generated_tokens": sum(s["generated_tokens"] for s in summaries),
+        "chat_files": sorted(by_file),
+        "record_sha256": {name: [record_sha256(r) for r in by_file[name]] for name in sorted(by_file)},
+    }
+    write_json_atomically(out / "summary.json", summary)
+    return summary
+
+
+def _check_shards(shards: list[Shard]) -> None:
+    """One full set of indices of one run, each completed."""
+    problems = []
+    first = shards[0]
+    counts = {shard.manifest["config"]["shard"]["count"] for shard in shards}
+    indices = sorted(shard.index for shard in shards)
+    if len(counts) != 1 or indices != list(range(next(iter(counts)))):
+        problems.append(f"shards are not one full set: shard.count {sorted(counts)}, shard.index {indices}")
+    for shard in shards:
+        if shard.summary.get("status") != "completed":
+            problems.append(
+                f"{shard.path} is incomplete (status {shard.summary.get('status')!r}): resume it first"
+            )
+        if shard.manifest["inputs"] != first.manifest["inputs"]:
+            problems.append(f"{shard.path} replayed other inputs than {first.path} (paths or sha256 differ)")
+        if {**shard.manifest["config"], "shard": None} != {**first.manifest["config"], "shard": None}:
+            problems.append(f"{shard.path} ran another config than {first.path}")
+    if problems:
+        raise RunnerError("cannot merge:\n  " + "\n  ".join(problems))
+
+
+def _validated_input(shard: Shard) -> tuple[list[Path], list[Conversation]]:
+    """The run's input files, read and validated again as the run did, once their sha256 is checked
+    against the manifest's: which conversation each shard owns comes from them, not from the shards."""
+    files = []
+    for entry in shard.manifest["inputs"]:
+        path = Path(entry["path"])
+        if not path.is_file():
+            raise RunnerError(
+                f"cannot merge: input {path} (named in {shard.path / MANIFEST}) is not found from "
+                f"{Path.cwd()}: merge reads the input again to check what each shard holds; run it where "
+                "the shards ran"
+            )
+        if file_sha256(path) != entry["sha256"]:
+            raise RunnerError(
+                f"cannot merge: input {path} changed since the shards ran (its sha256 is not the one in "
+                f"{shard.path / MANIFEST})"
+            )
+        files.append(path)
+    settings = shard.manifest["config"]["input"]
+    conversations, _ = read_conversations(files, InputFormat(settings["format"]), settings["max_line_bytes"])
+    return files, conversations
+
+
+def _verified_records(
+    shard: Shard, files: list[Path], conversations: list[Conversation], problems: list[str]
+) -> dict[str, list[dict[str, Any]]]:
+    """The shard's records by chats file (relative to the run dir); each problem found is appended to
+    `problems`, naming the shard's file, line and conversation."""
+    config = shard.manifest["config"]
+    count, samples = config["shard"]["count"], config["generation"]["num_samples"]
+    refused = {(reject["file"], reject["line"]) for reject in _rejects(shard.path)}
+    paths = chat_paths(shard.path, files)
+    names = {source: str(path.relative_to(shard.path)) for source, path in paths.items()}
+    expected: dict[str, dict[Key, Conversation]] = {name: {} for name in names.values()}
+    for conversation in conversations[shard.index :: count]:
+        if (str(conversation.source), conversation.line) not in refused:
+            for sample in range(samples):
+                expected[names[conversation.source]][(str(conversation.id), sample)] = conversation
+    for stray in sorted(set((shard.path / "chats").glob("*.jsonl")) - {shard.path / n for n in expected}):
+        problems.append(f"{stray} is no chats file of this run's inputs")
+
+    digests = shard.summary.get("record_sha256")
+    if digests is None:
+        problems.append(f"{shard.path / 'summary.json'} holds no record digests: cannot verify {shard.path}")
+        digests = {}
+    held: dict[str, list[dict[str, Any]]] = {}
+    for name, owned in expected.items():
+        path = shard.path / name
+        if not path.exists():
+            if owned:
+                problems.append(f"{path} is missing: it should hold {_listed(owned)}")
+            continue
+        try:
+            records = read_records(path)
+        except RunnerError as error:
+            problems.append(str(error))
+            continue
+        written = set(digests.get(name, ()))
+        seen: dict[Key, int] = {}
+        for line, record in enumerate(records, start=1):
+            key = (str(record.get("id")), record.get("replay", {}).get("sample"))
+            where = f"{path}:{line}: conversation {key[0]!r} (sample {key[1]})"
+            if key not in owned:
+                problems.append(f"{where} is not one that shard.index {shard.index} of {count} owns")
+            elif key in seen:
+                problems.append(f"{where} is held twice (first at line {seen[key]})")
+            elif record_sha256(record) not in written:
+                problems.append(f"{where} is not as the run wrote it (sha256 not in summary.json)")
+            seen.setdefault(key, line)
+        missing = {key: conversation for key, conversation in owned.items() if key not in seen}
+        if missing:
+            problems.append(f"{path} is short: it lacks {_listed(missing)}")
+        held[name] = records
+    return held
+
+
+def _listed(keys: dict[Key, Conversation], shown: int = 5) -> str:
+    """'3 records: 'q1' (sample 0, in.jsonl:1), ...'"""
+    listed = [f"{key[0]!r} (sample {key[1]}, {c.where})" for key, c in list(keys.items())[:shown]]
+    more = f", ... ({len(keys) - shown} more)" if len(keys) > shown else ""
+    return f"{len(keys)} record(s): {', '.join(listed)}{more}"
+
+
+def _rejects(shard: Path) -> list[dict[str, Any]]:
+    return read_records(shard / REJECTED) if (shard / REJECTED).exists() else []
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise RunnerError(f"{path} is missing: is {path.parent} a run dir of a finished shard?")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m runner.merge", description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, help="new directory for the merged run")
+    parser.add_argument("shards", type=Path, nargs="+", help="the shard run dirs")
+    args = parser.parse_args(argv)
+    try:
+        summary = merge(args.shards, args.out)
+    except RunnerError as error:
+        sys.exit(f"error: {error}")
+    print(f"merged {len(args.shards)} shards: {summary['records']} records in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""The sweep report: one row per job of a multirun, as report.md, report.csv and report.png.
+
+Written after every job of a multirun (a Hydra callback, so a sweep that stops early still has
+one) and on demand: `python -m runner.report <sweep dir>`. A job without a summary (it failed)
+is a row with its status and the last error of its log; it never stops the other rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
+from runner.rundir.layout import LATEST_SWEEP, point_latest
+
+COLUMNS = (
+    "job",
+    "overrides",
+    "model",
+    "precision",
+    "quant",
+    "device",
+    "status",
+    "conversations",
+    "tokens_per_second",
+    "peak_memory_gib",
+    "wall_seconds",
+    "error",
+)
+
+
+def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
+    """A row per job dir (a dir with .hydra/) of the sweep, in job order."""
+    jobs = sorted(
+        (path for path in sweep_dir.iterdir() if (path / ".hydra").is_dir()),
+        key=lambda path: (
+            int(path.name.split("_")[0]) if path.name.split("_")[0].isdigit() else 1 << 30,
+            path.name,
+        ),
+    )
+    return [_row(job) for job in jobs]
+
+
+def user_overrides(job: Path) -> list[str]:
+    """A job's command-line overrides (none without .hydra/, e.g. a merged run), less the
+    `resume=true` a requeued attempt adds, which is no choice of the user's."""
+    path = job / ".hydra" / "overrides.yaml"
+    listed = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
+    return [override for override in listed if override.split("=", 1)[0].lstrip("+~") != "resume"]
+
+
+def _row(job: Path) -> dict[str, Any]:
+    overrides = user_overrides(job)
+    config = OmegaConf.to_container(OmegaConf.load(job / ".hydra" / "config.yaml"))
+    row = {
+        "job": job.name,
+        "overrides": " ".join(overrides),
+        "model": config.get("model", {}).get("name"),
+        "precision": config.get("precision", {}).get("dtype"),
+        "quant": config.get("quant", {}).get("method"),
+        "device": config.get("device", {}).get("kind"),
+    }
+    summary_path = job / "summary.json"
+    if not summary_path.exists():
+        return {**row, "status": "failed", "error": _last_error(job)}
+    summary = json.loads(summary_path.read_text())
+    peak_memory = summary.get("peak_memory")  # absent when a run was stopped before it loaded
+    peak = peak_memory and (peak_memory["cuda_bytes"] or peak_memory["rss_bytes"])
+    return {
+        **row,
+        "status": summary["status"],
+        "conversations": summary.get("conversations"),
+        "tokens_per_second": summary.get("tokens_per_second"),
+        "peak_memory_gib": round(peak / 2**30, 3) if peak else None,
+        "wall_seconds": summary.get("wall_seconds"),
+        "error": summary.get("error") or ("" if summary["status"] == "completed" else _last_error(job)),
+    }
+
+
+def _last_error(job: Path) -> str:
+    log = job / "chat-runner.log"
+    errors = [line for line in log.read_text().splitlines() if "[ERROR]" in line] if log.exists() else []
+    return (
+        errors[-1].split(" - ", 1)[-1]
+        if errors
+        else "no summary.json and no error in the log (still running?)"
+    )
+
+
+def write_report(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Write report.csv, report.md and report.png into `sweep_dir`; return the rows."""
+    rows = job_rows(sweep_dir)
+    with (sweep_dir / "report.csv").open("w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [
+        f"# Sweep report: {sweep_dir}",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+        *("| " + " | ".join(_cell(row.get(column)) for column in COLUMNS) + " |" for row in rows),
+        "",
+        "![tokens/s and peak memory per job](report.png)",
+        "",
+    ]
+    (sweep_dir / "report.md").write_text("\n".join(lines), encoding="utf-8")
+    _chart(rows, sweep_dir / "report.png")
+    return rows
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def job_labels(rows: list[dict[str, Any]]) -> list[str]:
+    """What tells each job apart: its overrides less those every job shares (the input path, say),
+    or the job dir's name where that leaves nothing. The chart and the viewer label jobs so."""
+    overrides = [row["overrides"].split() for row in rows]
+    shared = set.intersection(*map(set, overrides)) if len(overrides) > 1 else set()
+    return [
+        " ".join(o for o in job if o not in shared) or row["job"]
+        for job, row in zip(overrides, rows, strict=True)
+    ]
+
+
+DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def resolved_setup(job_dir: Path) -> dict[str, str] | None:
+    """The precision and device a job ran on, as its summary.json recorded them once the model had
+    loaded (fp32 and cpu where the config said auto); None when it has no such record."""
+    path = job_dir / "summary.json"
+    loaded = json.loads(path.read_text(encoding="utf-8")).get("loaded") if path.exists() else None
+    if not loaded:
+        return None
+    # hf_device_map names a GPU by its index; a model split over devices lists each once.
+    devices = [f"cuda:{d}" if d.isdigit() else d for d in dict.fromkeys(loaded["device_map"].values())]
+    return {
+        "precision": DTYPES.get(loaded["dtype"], loaded["dtype"]),
+        "device": "+".join(devices) or loaded["device"],
+    }
+
+
+def chart_labels(rows: list[dict[str, Any]], sweep_dir: Path) -> list[str]:
+    """A bar's label: the job's label (wrapped, never cut) over its resolved precision/device."""
+    labels = []
+    for label, row in zip(job_labels(rows), rows, strict=True):
+        setup = resolved_setup(sweep_dir / row["job"])
+        lines = textwrap.wrap(label, 40, break_long_words=False, break_on_hyphens=False)
+        labels.append("\n".join(lines + ([f"{setup['precision']}/{setup['device']}"] if setup else [])))
+    return labels
+
+
+def _chart(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    from matplotlib import pyplot
+
+    labels = chart_labels(rows, path.parent)
+    lines = sum(label.count("\n") + 1 for label in labels)
+    # Horizontal bars: a label of any length reads level, one job a row, in the table's order.
+    figure, (speed, memory) = pyplot.subplots(
+        1, 2, figsize=(11, 1.4 + 0.32 * lines + 0.25 * len(rows)), sharey=True
+    )
+    positions = list(range(len(rows)))
+    for axes, key, color, unit in (
+        (speed, "tokens_per_second", "tab:blue", "generated tokens/s"),
+        (memory, "peak_memory_gib", "tab:orange", "peak memory (GiB)"),
+    ):
+        values = [row.get(key) for row in rows]
+        bars = axes.barh(positions, [value or 0 for value in values], color=color, height=0.6)
+        axes.bar_label(bars, ["" if v is None else f"{v:,.2f}" for v in values], padding=3, fontsize=8)
+        axes.set_xlabel(unit)
+        axes.margins(x=0.15)  # room for the values
+        axes.grid(axis="x", alpha=0.3)
+    for position, row in zip(positions, rows, strict=True):
+        if row["status"] != "completed":
+            speed.annotate(
+                row["status"],
+                (0, position),
+                xytext=(4, 0),
+                textcoords="offset points",
+                va="center",
+                color="tab:red",
+            )
+    speed.set_yticks(positions, labels, fontsize=9)
+    speed.invert_yaxis()  # the first job on top, as in the table
+    figure.suptitle("chat-runner sweep: tokens/s and peak memory per job")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+
+
+class ReportCallback(Callback):
+    """Rewrites the sweep report after each multirun job, so it is there however the sweep ends;
+    at the sweep's end, prints a line per job, the report and the viewer command, and exits 1
+    when a job did not complete."""
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        point_latest(LATEST_SWEEP, Path(str(config.hydra.sweep.dir)))
+
+    def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
+        if HydraConfig.get().mode is RunMode.MULTIRUN:
+            write_report(Path(config.hydra.sweep.dir))
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        rows = write_report(sweep_dir)
+        for row in rows:
+            speed = "-" if row.get("tokens_per_second") is None else f"{row['tokens_per_second']} tokens/s"
+            error = f": {row['error']}" if row["error"] else ""
+            print(f"{row['status']:>11}  {speed:>16}  {sweep_dir / row['job']}{error}", file=sys.stderr)
+        print(f"report: {sweep_dir / 'report.md'}", file=sys.stderr)
+        print(f"read them: python -m runner.view {sweep_dir}", file=sys.stderr)
+        if any(row["status"] != "completed" for row in rows):
+            sys.exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m runner.report", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "sweep_dir",
+        type=Path,
+        nargs="?",
+        default=LATEST_SWEEP,
+        help=f"a multirun dir: outputs/multirun/<date>/<time> (default: {LATEST_SWEEP}, the newest)",
+    )
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        sys.exit(f"error: {args.sweep_dir} is not a directory")
+    rows = write_report(args.sweep_dir)
+    print(f"{len(rows)} job(s): {args.sweep_dir / 'report.md'}, report.csv, report.png")
+
+
+if __name__ == "__main__":
+    main()
