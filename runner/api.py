@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +14,14 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import OmegaConf, open_dict
 
-from runner.config.schema import (
-    CONF_DIR,
-    check_override_keys,
-    refuse_secrets,
-    register_configs,
-    to_run_config,
-)
+from runner.config.compose import to_run_config
+from runner.config.overrides import check_overrides
+from runner.config.presets import CONF_DIR
+from runner.config.schema import register_configs
 from runner.errors import ConfigError, RunnerError
 from runner.log_filters import OncePerRun
-from runner.rundir.layout import MANIFEST, register_resolvers
-from runner.rundir.reader import read_records
+from runner.rundir.layout import register_resolvers
+from runner.rundir.reader import Run
 
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as the CLI's (Hydra's) log
 
@@ -42,10 +37,10 @@ def run(overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> dic
     from runner.app import run as run_replay  # imports torch
 
     overrides = list(overrides)
-    refuse_secrets(overrides)
-    check_override_keys(overrides)
-    cfg, directory = _compose(overrides)
-    directory = Path(run_dir) if run_dir is not None else directory
+    check_overrides(overrides)
+    cfg, hydra_config = _compose(overrides)
+    # Resolving Hydra's run dir claims (creates) a new outputs/<date>/<time>: only without run_dir.
+    directory = Path(run_dir) if run_dir is not None else Path(str(hydra_config.run.dir))
     try:
         (directory / ".hydra").mkdir(parents=True, exist_ok=True)
         (directory / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
@@ -56,8 +51,8 @@ def run(overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> dic
         return run_replay(to_run_config(cfg), directory)
 
 
-def _compose(overrides: list[str]) -> tuple[Any, Path]:
-    """The job config and the run dir Hydra would pick, from the same conf/ as the CLI."""
+def _compose(overrides: list[str]) -> tuple[Any, Any]:
+    """The job config and Hydra's own config apart, from the same conf/ as the CLI."""
     register_configs()
     register_resolvers()
     try:
@@ -67,7 +62,7 @@ def _compose(overrides: list[str]) -> tuple[Any, Path]:
         raise ConfigError(str(error)) from None
     with open_dict(cfg):
         hydra_config = cfg.pop("hydra")
-    return cfg, Path(str(hydra_config.run.dir))
+    return cfg, hydra_config
 
 
 @contextmanager
@@ -93,61 +88,7 @@ def _logging_to(log_file: Path) -> Iterator[None]:
         logger.setLevel(previous_level)
 
 
-@dataclass(frozen=True)
-class Run:
-    """A run dir read back: its summary, the config it ran, and its records in input order."""
-
-    path: Path
-    summary: dict[str, Any]
-    config: dict[str, Any]
-    records: list[dict[str, Any]]
-
-    def turns(self) -> list[dict[str, Any]]:
-        """One row per generated turn: conversation, sample, turn, prompt, reply, reference,
-        tokens, seconds, finish reason (and the conversation's error code, if it ended in one)."""
-        return [row for record in self.records for row in turn_rows(record)]
-
-    def to_pandas(self) -> Any:
-        """`turns()` as a pandas DataFrame (pandas is not a dependency: install it to use this)."""
-        try:
-            import pandas
-        except ImportError:
-            raise ImportError("Run.to_pandas() needs pandas: pip install pandas") from None
-        return pandas.DataFrame(self.turns())
-
-
-def turn_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """A record's generated turns as flat rows."""
-    messages, replay = record["messages"], record["replay"]
-    error = replay["error"]["code"] if replay["error"] else None
-    return [
-        {
-            "conversation_id": record["id"],
-            "sample": replay["sample"],
-            "turn": number,
-            "prompt": messages[turn["message_index"] - 1]["content"],
-            "reply": messages[turn["message_index"]]["content"],
-            "reference": turn["reference"],
-            "prompt_tokens": turn["prompt_tokens"],
-            "new_tokens": turn["new_tokens"],
-            "seconds": turn["seconds"],
-            "first_token_seconds": turn["first_token_seconds"],
-            "finish_reason": turn["finish_reason"],
-            "error": error,
-        }
-        for number, turn in enumerate(replay["turns"])
-    ]
-
-
 def load_run(run_dir: str | Path) -> Run:
-    """Read a run dir (or a merged one) back: summary.json, the manifest's config, and every
-    chats file's records, in the order summary.json lists the files."""
-    path = Path(run_dir)
-    if not (path / "summary.json").is_file():
-        raise RunnerError(f"{path} holds no summary.json: not a run dir (or the run never started)")
-    summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
-    manifest = path / MANIFEST
-    config = json.loads(manifest.read_text(encoding="utf-8"))["config"] if manifest.is_file() else {}
-    files = [path / name for name in summary.get("chat_files", [])]
-    records = [record for file in files if file.is_file() for record in read_records(file)]
-    return Run(path, summary, config, records)
+    """Read a run dir (or a merged one) back: `.summary` (runner.rundir.summary.Summary), `.config`,
+    `.records` in input order, `.turns()` and `.to_pandas()` (runner.rundir.reader.Run)."""
+    return Run.open(run_dir)

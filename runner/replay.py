@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Callable, Container, Iterable, Iterator
+from collections.abc import Callable, Container, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,45 +226,55 @@ def replay_all(
     jobs = ((c, s) for c in conversations for s in range(samples) if (str(c.id), s) not in done)
     active: dict[int, ConversationReplay] = {}
     finished: dict[int, ReplayedConversation] = {}
-    started = emitted = 0
-    exhausted = False
-    while True:
-        window = 4 * max(engine.batch_size, 1)
-        while not exhausted and engine.free_slots() > 0 and len(active) + len(finished) < window:
-            job = next(jobs, None)
-            if job is None:
-                exhausted = True
-                break
-            replay = ConversationReplay(
-                job[0],
-                mode,
-                run_seed=run_seed,
-                sample=job[1],
-                fold=not engine.supports_system_role,
-                stream=started,
-                sampling=sampling,
-            )
+    emitted = 0
+
+    def start(stream: int, conversation: Conversation, sample: int) -> None:
+        replay = ConversationReplay(
+            conversation,
+            mode,
+            run_seed=run_seed,
+            sample=sample,
+            fold=not engine.supports_system_role,
+            stream=stream,
+            sampling=sampling,
+        )
+        if replay.done:
+            finished[stream] = replay.result()
+        else:
+            active[stream] = replay
+            engine.submit(replay.pending)
+
+    for stream, (conversation, sample) in enumerate(jobs):
+        while engine.free_slots() == 0 or len(active) + len(finished) >= 4 * max(engine.batch_size, 1):
+            emitted = yield from _advance(engine, active, finished, emitted, on_turn)
+        start(stream, conversation, sample)
+    while active or finished:
+        emitted = yield from _advance(engine, active, finished, emitted, on_turn)
+
+
+def _advance(
+    engine: Engine,
+    active: dict[int, ConversationReplay],
+    finished: dict[int, ReplayedConversation],
+    emitted: int,
+    on_turn: Callable[[Turn | None], None] | None,
+) -> Generator[ReplayedConversation, None, int]:
+    """One engine step: record the finished turns, submit their conversations' next turns, and
+    yield the results now next in input order; returns how many have been yielded in all."""
+    if active:
+        for request, outcome in engine.step():
+            replay = active[request.stream]
+            turn = replay.record(outcome)
+            if on_turn is not None:
+                on_turn(turn)
             if replay.done:
-                finished[started] = replay.result()
+                finished[request.stream] = active.pop(request.stream).result()
             else:
-                active[started] = replay
                 engine.submit(replay.pending)
-            started += 1
-        if active:
-            for request, outcome in engine.step():
-                replay = active[request.stream]
-                turn = replay.record(outcome)
-                if on_turn is not None:
-                    on_turn(turn)
-                if replay.done:
-                    finished[request.stream] = active.pop(request.stream).result()
-                else:
-                    engine.submit(replay.pending)
-        while emitted in finished:
-            yield finished.pop(emitted)
-            emitted += 1
-        if exhausted and not active and not finished:
-            return
+    while emitted in finished:
+        yield finished.pop(emitted)
+        emitted += 1
+    return emitted
 
 
 def replay_conversation(

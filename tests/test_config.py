@@ -9,9 +9,13 @@ import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from runner.config.schema import RunConfig, to_run_config
+from runner.config.compose import to_run_config
+from runner.config.schema import RunConfig
 from runner.errors import ConfigError
-from runner.model.arguments import resolve_batch_size, transformers_arguments
+from runner.engines.pipeline import drafting_arguments
+from runner.engines.protocol import Sampling
+from runner.engines.registry import choose_engine
+from runner.model.arguments import transformers_arguments
 from runner.model.hardware import Hardware
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -114,7 +118,7 @@ def test_llama3_8b_int4_on_a_bf16_gpu(compose_config):
     assert quantization.bnb_4bit_quant_type == "nf4"
     assert quantization.bnb_4bit_use_double_quant is True
     assert quantization.bnb_4bit_compute_dtype == torch.bfloat16
-    assert arguments.generate == GREEDY
+    assert Sampling.from_config(cfg.generation).generate_arguments() == GREEDY
 
 
 def test_int4_options_reach_bitsandbytes(compose_config):
@@ -202,7 +206,7 @@ def test_hub_model_with_revision_and_remote_code(compose_config):
 
 def test_sampling_generate_arguments(compose_config):
     cfg = to_run_config(compose_config("generation=sampling", "generation.min_new_tokens=8"))
-    assert transformers_arguments(cfg, CPU, Path("/ckpt")).generate == {
+    assert Sampling.from_config(cfg.generation).generate_arguments() == {
         "max_new_tokens": 256,
         "min_new_tokens": 8,
         "do_sample": True,
@@ -216,13 +220,14 @@ def test_sampling_generate_arguments(compose_config):
 def test_prompt_lookup_reaches_generate(compose_config):
     cfg = to_run_config(compose_config("generation.prompt_lookup_num_tokens=10"))
     assert cfg.generation.speculation == "prompt_lookup"
-    assert transformers_arguments(cfg, CPU, Path("/ckpt")).generate == {
-        **GREEDY,
-        "prompt_lookup_num_tokens": 10,
-    }
+    assert {
+        **Sampling.from_config(cfg.generation).generate_arguments(),
+        **drafting_arguments(cfg.generation),
+    } == {**GREEDY, "prompt_lookup_num_tokens": 10}
+    assert choose_engine(cfg, CPU).kind.value == "pipeline"  # the engine that drafts
     draft = to_run_config(compose_config("model=llama3_8b", "generation.assistant_model=smollm2_135m"))
     assert draft.generation.speculation == "assistant_model"
-    assert "assistant_model" not in transformers_arguments(draft, CPU).generate  # loaded by the run
+    assert "assistant_model" not in drafting_arguments(draft.generation)  # loaded by the run
 
 
 @pytest.mark.parametrize(
@@ -237,7 +242,13 @@ def test_prompt_lookup_reaches_generate(compose_config):
     ],
 )
 def test_batch_size_resolution(compose_config, overrides, hardware, size):
-    assert resolve_batch_size(to_run_config(compose_config(*overrides)), hardware) == size
+    assert choose_engine(to_run_config(compose_config(*overrides)), hardware).batch_size == size
+
+
+def test_an_engine_that_cannot_batch_refuses_a_batch_size(compose_config):
+    cfg = to_run_config(compose_config("engine=pipeline", "engine.batch_size=8"))
+    with pytest.raises(ConfigError, match="use engine=continuous for batch_size > 1"):
+        choose_engine(cfg, CPU)
 
 
 def test_mistyped_option_lists_the_choices(compose_config):
@@ -274,7 +285,6 @@ def test_unknown_keys_and_wrong_types_fail_at_compose_time(compose_config, overr
         (["device=cpu", "+device.max_memory={cpu:10GiB}"], "max_memory applies to device=auto"),
         (["engine.batch_size=0"], "engine.batch_size must be an integer >= 1 or auto"),
         (["engine.batch_size=many"], "engine.batch_size must be an integer >= 1 or auto"),
-        (["engine=pipeline", "engine.batch_size=8"], "use engine=continuous for batch_size > 1"),
         (["engine.prefill_chunk=0"], "engine.prefill_chunk must be >= 1"),
         (["input.max_line_bytes=0"], "input.max_line_bytes must be >= 1"),
         (["shard.index=4", "shard.count=4"], r"shard.index must be in \[0, shard.count\)"),

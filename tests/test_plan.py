@@ -9,11 +9,13 @@ import re
 import pytest
 from test_cli import run_cli
 
-from runner.config.schema import QuantConfig, QuantMethod, to_run_config
+from runner.config.compose import to_run_config
+from runner.config.schema import QuantConfig, QuantMethod
 from runner.errors import ConfigError
 from runner.model.hardware import Hardware
 from runner.planning.plan import kv_bytes_per_token, weights_bytes
-from runner.planning.run_plan import architecture, memory_plan
+from runner.planning.figures import architecture
+from runner.planning.run_plan import memory_plan
 
 GB = 10**9
 H100 = Hardware(cuda_devices=1, cuda_bf16=True, cuda_free=(80 * GB,), cpu_free=200 * GB)

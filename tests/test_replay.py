@@ -8,7 +8,7 @@ from types import MappingProxyType
 import pytest
 
 from runner.config.schema import ReplayMode
-from runner.engines.protocol import WholeTurnEngine
+from runner.engines.whole_turn import WholeTurnEngine
 from runner.inputs.conversation import Conversation, Message
 from runner.replay import (
     Reply,

@@ -10,9 +10,10 @@ from types import MappingProxyType
 import pytest
 from conftest import chat
 from test_cli import read_jsonl, run_cli
-from test_engine import DOZEN, GREEDY, replay_texts
+from test_engine import DOZEN, replay_texts
 
-from runner.config.schema import ReplayMode, to_run_config
+from runner.config.compose import to_run_config
+from runner.config.schema import ReplayMode
 from runner.engines.continuous.engine import ContinuousEngine
 from runner.engines.pipeline import PipelineEngine
 from runner.engines.protocol import Request, Sampling
@@ -36,31 +37,31 @@ REWRITE = (
 
 
 def test_prompt_lookup_gives_the_same_greedy_text_and_drafts_from_the_prompt(smol_pipeline):
-    plain = {**GREEDY, "max_new_tokens": 16}
-    lookup = {**plain, "prompt_lookup_num_tokens": 6}
+    plain = Sampling(max_new_tokens=16)
+    lookup = {"prompt_lookup_num_tokens": 6}
     conversations = [*DOZEN[:6], Conversation("rewrite", REWRITE, MappingProxyType({}), Path("t.jsonl"), 1)]
     expected = replay_texts(PipelineEngine(smol_pipeline, plain), conversations)
-    engine = PipelineEngine(smol_pipeline, lookup, "prompt_lookup")
+    engine = PipelineEngine(smol_pipeline, plain, lookup)
     results = list(replay_all(conversations, engine, ReplayMode.regenerate, run_seed=0))
     assert [[m.content for m in r.messages] for r in results] == expected
-    summary = engine.counters()["speculative"]
-    assert summary["method"] == "prompt_lookup"
+    summary = engine.counters().speculative
+    assert summary.method == "prompt_lookup"
     # The counter saw every generated token, and fewer passes than tokens (drafts were accepted).
-    assert summary["new_tokens"] == sum(turn.new_tokens for r in results for turn in r.turns)
-    assert summary["forward_passes"] < summary["new_tokens"]
-    assert 0 < summary["accepted_tokens"] <= summary["drafted_tokens"]
-    assert 0 < summary["acceptance_rate"] <= 1
+    assert summary.new_tokens == sum(turn.new_tokens for r in results for turn in r.turns)
+    assert summary.forward_passes < summary.new_tokens
+    assert 0 < summary.accepted_tokens <= summary.drafted_tokens
+    assert 0 < summary.acceptance_rate <= 1
     # Copying the passage back: most tokens come from accepted drafts, several per forward pass.
-    copying = PipelineEngine(smol_pipeline, lookup, "prompt_lookup")
+    copying = PipelineEngine(smol_pipeline, plain, lookup)
     [reply] = copying.generate([Request(REWRITE, 0)])
     assert reply.text.startswith("Our team met on Tuesday")
-    assert copying.speculation.summary()["tokens_per_forward_pass"] > 2
+    assert copying.speculation.summary().tokens_per_forward_pass > 2
 
 
 def test_without_speculation_there_is_nothing_to_count(smol_pipeline, smol_model):
-    assert PipelineEngine(smol_pipeline, GREEDY).counters() == {}
+    assert PipelineEngine(smol_pipeline, Sampling(24)).counters().speculative is None
     engine = ContinuousEngine(smol_model, smol_pipeline.tokenizer, Sampling(4), 4, 512)
-    assert "speculative" not in engine.counters()
+    assert engine.counters().speculative is None
 
 
 def test_assistant_model_run_equals_the_plain_run_at_batch_size_one(write_jsonl, tmp_path, embedded_dir):

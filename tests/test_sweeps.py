@@ -182,7 +182,7 @@ def test_merge_orders_records_by_input_line(write_jsonl, tmp_path):
         json.loads(line)["id"] for line in (tmp_path / "out" / "chats" / "in.jsonl").read_text().splitlines()
     ]
     assert merged == ["q1", "q2", "q3", "q4"]
-    assert (summary["records"], summary["turns"], summary["status"]) == (4, 4, "merged")
+    assert (summary.records, summary.turns, summary.status) == (4, 4, "merged")
 
 
 def drop_line(path: Path, number: int) -> None:

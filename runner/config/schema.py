@@ -6,19 +6,12 @@ compose time; cross-field rules live in `__post_init__` and fail in `to_run_conf
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import re
-import typing
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING, OmegaConf
 
 from runner.errors import ConfigError
 
@@ -56,7 +49,7 @@ class DeviceKind(Enum):
 class EngineKind(Enum):
     # Each value names its module, runner/engines/<value>.py, which builds the engine.
     continuous = "continuous"  # step-level batching over KV-cache slots, turns joining at any step
-    pipeline = "pipeline"  # TextGenerationPipeline, one turn per call (the seed's way)
+    pipeline = "pipeline"  # TextGenerationPipeline, one turn per call (the reference engine)
 
 
 class InputFormat(Enum):
@@ -220,10 +213,6 @@ class EngineConfig:
             raise ConfigError(f"engine.batch_size must be an integer >= 1 or auto, got {size!r}")
         if self.prefill_chunk < 1:
             raise ConfigError("engine.prefill_chunk must be >= 1")
-        if self.kind is EngineKind.pipeline and size not in (1, "auto"):
-            raise ConfigError(
-                "engine=pipeline runs one turn per call: use engine=continuous for batch_size > 1"
-            )
 
 
 @dataclass
@@ -301,116 +290,8 @@ def register_configs() -> None:
         store.store(name=f"{group}_schema", node=schema)
 
 
-def config_keys(schema: type | None = None, prefix: str = "") -> dict[str, bool]:
-    """Every key of the run config, dotted -> whether it is open (a dict or Any: any key below it
-    is the user's own, e.g. device.max_memory.0)."""
-    keys: dict[str, bool] = {}
-    hints = typing.get_type_hints(schema or RunConfig)
-    for item in dataclasses.fields(schema or RunConfig):
-        key, kind = f"{prefix}{item.name}", hints[item.name]
-        if dataclasses.is_dataclass(kind):
-            keys[key] = False
-            keys.update(config_keys(kind, f"{key}."))
-        else:
-            keys[key] = kind is Any or typing.get_origin(kind) is dict
-    return keys
-
-
-def check_override_keys(arguments: Sequence[str]) -> None:
-    """Refuse an override of a key the config does not have, with or without `+`, naming the
-    closest existing key: Hydra would only suggest `+key=...`, which then runs without it."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    candidates = [a for a in arguments if not a.startswith("-") and ("=" in a or a.startswith("~"))]
-    try:
-        overrides = OverridesParser.create().parse_overrides(candidates)
-    except HydraException:
-        return  # Hydra reports a malformed override itself
-    keys = config_keys()
-    groups = {path.name for path in CONF_DIR.iterdir() if path.is_dir()}
-    for override in overrides:
-        key = override.key_or_group
-        if key.split(".")[0].split("/")[0] == "hydra" or key in groups or key in keys:
-            continue
-        if any(key.startswith(f"{known}.") for known, is_open in keys.items() if is_open):
-            continue
-        close = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.6)
-        hint = f": did you mean {close[0]}?" if close else " (python -m runner --cfg job lists the keys)"
-        raise ConfigError(f"unknown config key {key!r} in {override.input_line!r}{hint}")
-
-
-# Keys that name a secret, and values shaped like a Hugging Face token.
-SECRET_KEYS = {
-    "token",
-    "hf_token",
-    "hub_token",
-    "auth_token",
-    "access_token",
-    "api_key",
-    "apikey",
-    "secret",
-    "password",
-}
-HF_TOKEN_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
-
-
-def refuse_secrets(arguments: list[str]) -> None:
-    """Stop before Hydra writes the overrides to .hydra/: secrets come from the environment only."""
-    for argument in arguments:
-        key, _, value = argument.partition("=")
-        if value and (key.lstrip("+~").split(".")[-1].lower() in SECRET_KEYS or HF_TOKEN_VALUE.search(value)):
-            raise ConfigError(
-                f"refusing the override {key}=...: it looks like a secret, and overrides are saved in "
-                "the run dir; set HF_TOKEN in the environment instead"
-            )
-
-
 def config_record(cfg: RunConfig) -> dict[str, Any]:
     """The run config as plain JSON data (what resume compares; `resume` itself left out)."""
     record = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
     del record["resume"], record["plan"], record["plan_gpus"]
     return record
-
-
-def _conf_dir() -> Path:
-    """The config groups: the repo's conf/ in a checkout (their one source), or the copy a wheel
-    installs as runner/conf (pyproject.toml maps conf/ there)."""
-    package = Path(__file__).resolve().parent.parent
-    checkout = package.parent / "conf"
-    return checkout if (checkout / "config.yaml").is_file() else package / "conf"
-
-
-CONF_DIR = _conf_dir()
-
-
-def model_preset(name: str) -> ModelConfig:
-    """The model preset conf/model/<name>.yaml as a typed config (for generation.assistant_model)."""
-    path = CONF_DIR / "model" / f"{name}.yaml"
-    if not path.is_file():
-        presets = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
-        raise ConfigError(f"no model preset {name!r} (conf/model/{name}.yaml); presets: {presets}")
-    node = OmegaConf.load(path)
-    node.pop("defaults", None)
-    try:
-        preset = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node))
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"model preset {path}: {error}") from None
-    assert isinstance(preset, ModelConfig)
-    return preset
-
-
-def to_run_config(cfg: DictConfig) -> RunConfig:
-    """Turn the composed config into typed objects, running every cross-field check."""
-    try:
-        run_config = OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as error:
-        # to_object wraps exceptions raised in __post_init__; surface ours as they are.
-        cause = error.__cause__ or error.__context__
-        if isinstance(cause, ConfigError):
-            raise cause from None
-        raise ConfigError(f"invalid configuration: {error}") from None
-    assert isinstance(run_config, RunConfig)
-    if run_config.generation.assistant_model:
-        model_preset(run_config.generation.assistant_model)  # fail now, not after the main model loads
-    return run_config

@@ -1,6 +1,6 @@
-"""The pipeline engine: transformers' TextGenerationPipeline in chat mode, one turn per call (the
-seed's way, kept as the reference the other engines are measured against). It is also the path of
-speculative decoding (prompt lookup or a draft model), which transformers runs one sequence at a time.
+"""The pipeline engine: transformers' TextGenerationPipeline in chat mode, one turn per call, the
+reference the other engines are measured against. It is also the path of speculative decoding
+(prompt lookup or a draft model), which transformers runs one sequence at a time.
 """
 
 from __future__ import annotations
@@ -10,15 +10,23 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TextGenerationPipeline, set_seed
 
 from runner.engines.chat_model import ChatModel, cut_at_stop
-from runner.engines.protocol import Reply, Request, TurnError, WholeTurnEngine
+from runner.engines.protocol import Capabilities, EngineCounters, Reply, Request, Sampling, TurnError
+from runner.engines.whole_turn import WholeTurnEngine
+
+if TYPE_CHECKING:
+    from runner.config.schema import RunConfig
+    from runner.engines.registry import EngineSetup
 
 log = logging.getLogger(__name__)
+
+CAPABILITIES = Capabilities(batch_limit=1, speculation=True)
 
 
 class ChatReplayPipeline(TextGenerationPipeline):
@@ -43,6 +51,19 @@ class FirstTokenTimer(LogitsProcessor):
         if self.at is None:
             self.at = time.perf_counter()
         return scores
+
+
+@dataclass(frozen=True)
+class SpeculationCounts:
+    """summary.json's `speculative` section."""
+
+    method: str  # prompt_lookup | assistant_model
+    forward_passes: int
+    drafted_tokens: int
+    accepted_tokens: int
+    new_tokens: int
+    acceptance_rate: float  # accepted / drafted
+    tokens_per_forward_pass: float
 
 
 class SpeculationCounter:
@@ -79,37 +100,39 @@ class SpeculationCounter:
         finally:
             handle.remove()
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> SpeculationCounts:
         """Totals, the share of drafted tokens accepted, and tokens per forward pass of the model."""
         totals = self.totals
-        return {
-            "method": self.method,
+        return SpeculationCounts(
+            method=self.method,
             **totals,
-            "acceptance_rate": round(totals["accepted_tokens"] / max(totals["drafted_tokens"], 1), 4),
-            "tokens_per_forward_pass": round(totals["new_tokens"] / max(totals["forward_passes"], 1), 3),
-        }
+            acceptance_rate=round(totals["accepted_tokens"] / max(totals["drafted_tokens"], 1), 4),
+            tokens_per_forward_pass=round(totals["new_tokens"] / max(totals["forward_passes"], 1), 3),
+        )
 
 
 class PipelineEngine(ChatModel, WholeTurnEngine):
     """Batch-1 chat replay through TextGenerationPipeline, the whole history re-sent each turn."""
 
-    def __init__(self, pipe: ChatReplayPipeline, generate: dict[str, Any], speculation: str | None = None):
+    def __init__(
+        self, pipe: ChatReplayPipeline, sampling: Sampling, speculation: dict[str, Any] | None = None
+    ):
+        """`speculation`: generate's drafting argument, `prompt_lookup_num_tokens` or `assistant_model`."""
         ChatModel.__init__(self, pipe.model, pipe.tokenizer)
         WholeTurnEngine.__init__(self, batch_size=1)
-        self.pipe, self.generate_arguments = pipe, generate
-        self.speculation = SpeculationCounter(speculation) if speculation else None
+        self.pipe, self.sampling, self.drafting = pipe, sampling, speculation or {}
+        method = "prompt_lookup" if "prompt_lookup_num_tokens" in self.drafting else "assistant_model"
+        self.speculation = SpeculationCounter(method) if self.drafting else None
 
     def generate(self, requests: Sequence[Request]) -> list[Reply | TurnError]:
         return [self._generate_one(request) for request in requests]
 
-    def counters(self) -> dict[str, Any]:
-        return {"speculative": self.speculation.summary()} if self.speculation else {}
+    def counters(self) -> EngineCounters:
+        return EngineCounters(speculative=self.speculation.summary() if self.speculation else None)
 
     def _generate_one(self, request: Request) -> Reply | TurnError:
         prompt_tokens = len(self.prompt_ids(request.messages))
-        arguments = self.generate_arguments
-        if request.sampling is not None:
-            arguments = {**arguments, **_generate_kwargs(request.sampling)}
+        arguments = {**(request.sampling or self.sampling).generate_arguments(), **self.drafting}
         overflow = self.overflow(prompt_tokens, arguments["max_new_tokens"])
         if overflow is not None:
             return overflow
@@ -136,23 +159,20 @@ class PipelineEngine(ChatModel, WholeTurnEngine):
         return self.speculation.measure(self.model, prompt_tokens)
 
 
-def _generate_kwargs(sampling: Any) -> dict[str, Any]:
-    """A turn's own decoding settings as generate's keyword arguments."""
-    arguments = dataclasses.asdict(sampling)
-    stop = arguments.pop("stop")
-    if stop:
-        arguments["stop_sequence"] = list(stop)  # the pipeline hands them to generate as stop_strings
-    if not sampling.do_sample:
-        arguments.update(temperature=None, top_p=None, top_k=None)
-    return arguments
-
-
-def build(cfg: Any, setup: Any) -> PipelineEngine:
+def build(cfg: RunConfig, setup: EngineSetup) -> PipelineEngine:
     """engine=pipeline: the model inside a TextGenerationPipeline, with its draft model if any."""
     from runner.model.loading import load_assistant, load_pipeline
 
     pipe = load_pipeline(setup.arguments.load, ChatReplayPipeline, setup.tokenizer)
-    generate = setup.arguments.generate
+    drafting = drafting_arguments(cfg.generation)
     if cfg.generation.assistant_model:
-        generate = {**generate, "assistant_model": load_assistant(cfg, setup.hardware, setup.tokenizer)}
-    return PipelineEngine(pipe, generate, cfg.generation.speculation)
+        drafting["assistant_model"] = load_assistant(cfg, setup.hardware, setup.tokenizer)
+    return PipelineEngine(pipe, Sampling.from_config(cfg.generation), drafting)
+
+
+def drafting_arguments(generation: Any) -> dict[str, Any]:
+    """generate's speculative decoding argument that needs no model: prompt lookup's draft length
+    (a draft model, generation.assistant_model, is loaded by `build`)."""
+    if generation.prompt_lookup_num_tokens:
+        return {"prompt_lookup_num_tokens": generation.prompt_lookup_num_tokens}
+    return {}

@@ -8,8 +8,6 @@ conversation's next turn always has room, since its engine keeps its place (and 
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,15 +30,41 @@ class Sampling:
     @classmethod
     def from_config(cls, generation: Any) -> Sampling:
         """The run's generation config (runner.config.schema.GenerationConfig) as per-turn settings."""
-        return cls(
-            max_new_tokens=generation.max_new_tokens,
-            min_new_tokens=generation.min_new_tokens,
-            do_sample=generation.do_sample,
-            temperature=generation.temperature,
-            top_p=generation.top_p,
-            top_k=generation.top_k,
-            repetition_penalty=generation.repetition_penalty,
-        )
+        return cls(**{knob: getattr(generation, knob) for knob in SAMPLING_KNOBS})
+
+    def generate_arguments(self) -> dict[str, Any]:
+        """These settings as keyword arguments of transformers' generate (through the text-generation
+        pipeline, which takes stop strings as `stop_sequence`): the one translation of decoding
+        settings. Greedy decoding sets the sampling knobs to None, overriding sampling defaults some
+        models ship in generation_config.json (Llama 3: 0.6/0.9), so greedy is plainly greedy."""
+        arguments = {knob: getattr(self, knob) for knob in SAMPLING_KNOBS}
+        if not self.do_sample:
+            arguments.update(temperature=None, top_p=None, top_k=None)
+        if self.stop:
+            arguments["stop_sequence"] = list(self.stop)
+        return arguments
+
+
+# The Sampling fields a run's generation config sets (`stop` comes from OpenAI Batch lines alone).
+SAMPLING_KNOBS = (
+    "max_new_tokens",
+    "min_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine can do, declared by its module as `CAPABILITIES`: runner.engines.registry picks
+    the engine and its batch size from these, or refuses the config."""
+
+    batch_limit: int | None = None  # turns in flight at most; None: as many as engine.batch_size
+    speculation: bool = False  # drafts tokens (generation.prompt_lookup_num_tokens / assistant_model)
+    sampling_knobs: frozenset[str] = frozenset(SAMPLING_KNOBS)  # the knobs it honours per turn
 
 
 @dataclass(frozen=True)
@@ -107,30 +131,16 @@ class Engine(Protocol):
         """The loaded model for summary.json: weights_bytes, kv_bytes_per_token, dtype, device_map, device."""
         ...
 
-    def counters(self) -> dict[str, Any]:
+    def counters(self) -> EngineCounters:
         """What the engine counted, for summary.json (cache reuse, step timings, speculation)."""
         ...
 
 
-class WholeTurnEngine:
-    """Base of engines that produce a whole reply per call: subclasses define `generate`."""
+@dataclass(frozen=True)
+class EngineCounters:
+    """What an engine counted, by summary.json section; each section a dataclass of the engine's own
+    (None where the engine has nothing to say)."""
 
-    batch_size: int
-
-    def __init__(self, batch_size: int):
-        self.batch_size = batch_size
-        self._queued: deque[Request] = deque()
-
-    def free_slots(self) -> int:
-        return max(self.batch_size - len(self._queued), 0)
-
-    def submit(self, request: Request) -> None:
-        self._queued.append(request)
-
-    def step(self) -> list[Outcome]:
-        """Generate the oldest queued turns, up to `batch_size` of them."""
-        requests = [self._queued.popleft() for _ in range(min(self.batch_size, len(self._queued)))]
-        return list(zip(requests, self.generate(requests), strict=True)) if requests else []
-
-    def generate(self, requests: Sequence[Request]) -> list[Reply | TurnError]:
-        raise NotImplementedError
+    cache: Any = None  # KV-cache reuse between turns and conversations
+    steps: Any = None  # step counts and timings
+    speculative: Any = None  # drafted and accepted tokens

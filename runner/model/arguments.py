@@ -1,7 +1,9 @@
-"""Config -> transformers arguments: a pure function of the run config and the hardware; loads nothing."""
+"""Config -> transformers load arguments: a pure function of the run config and the hardware; loads
+nothing. The draft model of speculative decoding gets its arguments here too."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,8 +11,17 @@ from typing import Any
 import torch
 from transformers import BitsAndBytesConfig
 
-from runner.config.schema import DeviceKind, EngineKind, ModelSource, Precision, QuantMethod, RunConfig
+from runner.config.presets import model_preset
+from runner.config.schema import (
+    DeviceKind,
+    ModelSource,
+    Precision,
+    QuantConfig,
+    QuantMethod,
+    RunConfig,
+)
 from runner.errors import ConfigError
+from runner.model.embedded import embedded_dir
 from runner.model.hardware import Hardware
 
 DTYPES = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
@@ -20,10 +31,11 @@ DTYPE_NAMES = {dtype: precision.value for precision, dtype in DTYPES.items()}
 
 @dataclass(frozen=True)
 class TransformersArguments:
-    """Everything the run passes to transformers: `pipeline(**load)`, then `pipe(chat, **generate)`."""
+    """What the run passes to transformers to load the model: `pipeline(**load)`, or
+    `AutoModelForCausalLM.from_pretrained` with the same values. Decoding settings are
+    runner.engines.protocol.Sampling's."""
 
     load: dict[str, Any]
-    generate: dict[str, Any]
 
 
 def resolve_dtype(precision: Precision, hardware: Hardware) -> torch.dtype:
@@ -71,23 +83,7 @@ def transformers_arguments(
         }
     if model_kwargs:
         load["model_kwargs"] = model_kwargs
-    return TransformersArguments(load=load, generate=_generate_arguments(cfg))
-
-
-# engine.batch_size=auto: what benchmarks/throughput.py found best on a 2-core CPU; on a GPU a
-# larger start, which the batched engine halves on out-of-memory.
-AUTO_BATCH_SIZE = {"cpu": 32, "cuda": 64}
-
-
-def resolve_batch_size(cfg: RunConfig, hardware: Hardware) -> int:
-    """engine.batch_size as a number: pipeline and speculative decoding are always 1 (transformers
-    drafts for one sequence at a time); auto depends on the hardware."""
-    if cfg.engine.kind is EngineKind.pipeline or cfg.generation.speculation:
-        return 1
-    if cfg.engine.batch_size != "auto":
-        return cfg.engine.batch_size
-    on_gpu = hardware.cuda_devices > 0 and cfg.device.kind is not DeviceKind.cpu
-    return AUTO_BATCH_SIZE["cuda" if on_gpu else "cpu"]
+    return TransformersArguments(load=load)
 
 
 def _device_map(cfg: RunConfig, hardware: Hardware) -> str:
@@ -116,20 +112,10 @@ def _quantization_config(cfg: RunConfig, dtype: torch.dtype, hardware: Hardware)
     )
 
 
-def _generate_arguments(cfg: RunConfig) -> dict[str, Any]:
-    generation = cfg.generation
-    arguments: dict[str, Any] = {
-        "max_new_tokens": generation.max_new_tokens,
-        "min_new_tokens": generation.min_new_tokens,
-        "do_sample": generation.do_sample,
-        "repetition_penalty": generation.repetition_penalty,
-    }
-    if generation.do_sample:
-        arguments.update(temperature=generation.temperature, top_p=generation.top_p, top_k=generation.top_k)
-    else:
-        # Override sampling defaults some models ship in generation_config.json (Llama 3: 0.6/0.9)
-        # so greedy decoding is plainly greedy.
-        arguments.update(temperature=None, top_p=None, top_k=None)
-    if generation.prompt_lookup_num_tokens:
-        arguments["prompt_lookup_num_tokens"] = generation.prompt_lookup_num_tokens
-    return arguments
+def draft_model(cfg: RunConfig, hardware: Hardware) -> tuple[RunConfig, dict[str, Any]]:
+    """The draft model's run config and load arguments: the main model's device and dtype, never
+    quantized (a draft is small)."""
+    draft_cfg = dataclasses.replace(
+        cfg, model=model_preset(cfg.generation.assistant_model), quant=QuantConfig(method=QuantMethod.none)
+    )
+    return draft_cfg, transformers_arguments(draft_cfg, hardware, embedded_dir(draft_cfg)).load

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from runner.config.schema import ModelSource, RunConfig
 from runner.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -84,3 +85,10 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def embedded_dir(cfg: RunConfig) -> Path | None:
+    """The converted checkpoint of an embedded model (converted now if needed); None for others."""
+    if cfg.model.source is not ModelSource.embedded:
+        return None
+    return embedded_checkpoint(cfg.model.package, Path(cfg.cache_dir).expanduser())

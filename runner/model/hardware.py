@@ -10,6 +10,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
@@ -61,6 +62,13 @@ def detect_hardware() -> Hardware:
     )
 
 
+def run_hardware(plan_gpus: list[str]) -> Hardware:
+    """The hardware a run plans and loads for, torch's CPU threads sized to the CPUs granted:
+    this machine's, or with plan_gpus, GPUs of those sizes."""
+    use_granted_cpus()
+    return planned_gpus(plan_gpus) if plan_gpus else detect_hardware()
+
+
 def planned_gpus(sizes: list[str]) -> Hardware:
     """Hardware of GPUs of these sizes (bf16-capable, no CPU offload): what plan_gpus plans for,
     from a machine that has none of them, such as a cluster's login node."""
@@ -106,3 +114,8 @@ def accelerator_names() -> list[str]:
     if not torch.cuda.is_available():
         return []
     return [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())]
+
+
+def accelerator_environment() -> dict[str, Any]:
+    """What summary.json's environment adds of torch's view of the machine."""
+    return {"gpus": accelerator_names(), "torch_threads": torch_threads()}

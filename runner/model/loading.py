@@ -8,21 +8,17 @@ from typing import Any
 
 from runner.config.schema import RunConfig
 from runner.errors import ConfigError, ModelLoadError
-from runner.model.arguments import TransformersArguments, transformers_arguments
-from runner.model.hardware import Hardware, detect_hardware, planned_gpus, use_granted_cpus
-from runner.planning.run_plan import draft_model, embedded_dir
+from runner.model.arguments import TransformersArguments, draft_model, transformers_arguments
+from runner.model.embedded import embedded_dir
+from runner.model.hardware import Hardware
 
 log = logging.getLogger(__name__)
 
 
-def prepare(cfg: RunConfig) -> tuple[Hardware, TransformersArguments]:
-    """Detect the hardware (sizing torch's CPU threads to the CPUs granted), convert an embedded
-    model once if needed, and translate the config."""
-    use_granted_cpus()
-    hardware = detect_hardware()
-    if cfg.plan_gpus:
-        hardware = planned_gpus(cfg.plan_gpus)
-    return hardware, transformers_arguments(cfg, hardware, embedded_dir(cfg))
+def model_arguments(cfg: RunConfig, hardware: Hardware) -> TransformersArguments:
+    """The load arguments of the configured model, converting an embedded model into its cache
+    first if it is not there yet."""
+    return transformers_arguments(cfg, hardware, embedded_dir(cfg))
 
 
 def load_tokenizer(load: dict[str, Any], local_files_only: bool = False) -> Any:

@@ -114,3 +114,39 @@ def repair_order(
             len(repaired),
         )
     return repaired
+
+
+def previous_records(
+    run_dir: Path,
+    paths: dict[Path, Path],
+    run_manifest: dict[str, Any],
+    order: dict[tuple[str, int], int],
+    *,
+    resume: bool,
+) -> list[dict[str, Any]]:
+    """What an interrupted session of this run left, when resuming (each record once, in input
+    order); refuse to write over a run otherwise. A job SLURM requeued (SLURM_RESTART_COUNT set)
+    resumes its own run dir without being asked.
+
+    Args:
+        paths: each input file's chats file.
+        run_manifest: this run's manifest, which the one in the dir must match.
+        order: (str(id), sample) of each conversation sample of this run -> its place in input order.
+    """
+    existing = [path for path in dict.fromkeys(paths.values()) if path.exists()]
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    if not resume and restarts and (run_dir / MANIFEST).exists():
+        log.info("SLURM requeued this job (restart %d): resuming its run dir %s", restarts, run_dir)
+    elif not resume:
+        if existing or (run_dir / MANIFEST).exists():
+            raise RunnerError(
+                f"{run_dir} already holds a run: add resume=true to continue it, or pick a new hydra.run.dir"
+            )
+        return []
+    if not (run_dir / MANIFEST).exists():
+        if existing:
+            raise RunnerError(f"{run_dir} holds chats but no {MANIFEST}: cannot tell which run wrote them")
+        log.info("resume=true: %s holds no records yet, so the run starts from the beginning", run_dir)
+        return []
+    check_resumable(run_dir, run_manifest)
+    return [record for path in existing for record in repair_order(path, completed_records(path), order)]

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner.api import Run, load_run, turn_rows
 from runner.errors import RunnerError
-from runner.rundir.layout import safe_name
+from runner.rundir.layout import SUMMARY, safe_name
+from runner.rundir.reader import Run, turn_rows
 from runner.rundir.writer import write_jsonl_atomically
-from runner.tools.report import job_labels, job_rows, user_overrides
+from runner.tools.report import job_labels, job_rows
 
 FORMATS = ("openai-batch", "mt-bench", "table")
 TABLE_COLUMNS = (
@@ -66,20 +66,20 @@ class Job:
     @property
     def model_id(self) -> str:
         """FastChat's model_id: the model's name, then what sets the job apart."""
-        model = self.run.summary["model"]["name"]
+        model = self.run.model_name
         return safe_name("_".join([model, *(o for o in self.label.split() if not o.startswith("model="))]))
 
 
 def jobs_of(directory: Path) -> list[Job]:
     """The run dir itself, or each finished job of a sweep dir (in job order)."""
-    if (directory / "summary.json").is_file():
-        return [Job(None, user_overrides(directory), "", load_run(directory))]
-    rows = job_rows(directory) if directory.is_dir() else []
-    rows = [row for row in rows if (directory / row["job"] / "summary.json").is_file()]
+    if (directory / SUMMARY).is_file():
+        run = Run.open(directory)
+        return [Job(None, run.user_overrides(), "", run)]
+    rows = [row for row in job_rows(directory) if (directory / row["job"] / SUMMARY).is_file()]
     if not rows:
         raise RunnerError(f"{directory} is neither a run dir nor a sweep dir with finished jobs")
     return [
-        Job(row["job"], row["overrides"].split(), label, load_run(directory / row["job"]))
+        Job(row["job"], row["overrides"].split(), label, Run.open(directory / row["job"]))
         for row, label in zip(rows, job_labels(rows), strict=True)
     ]
 
@@ -119,7 +119,7 @@ def batch_results(job: Job) -> list[dict[str, Any]]:
                 "id": f"chatcmpl-{digest}",
                 "object": "chat.completion",
                 "created": created,
-                "model": records[0].get("body", {}).get("model") or job.run.summary["model"]["name"],
+                "model": records[0].get("body", {}).get("model") or job.run.model_name,
                 "choices": [
                     {
                         "index": r["replay"]["sample"],

@@ -11,9 +11,9 @@ have written it, plus the union of rejected lines, a manifest and a summary.
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +22,10 @@ from runner.config.schema import InputFormat
 from runner.errors import RunnerError
 from runner.inputs.conversation import Conversation
 from runner.inputs.reader import read_conversations
-from runner.rundir.layout import MANIFEST, REJECTED, chat_paths
-from runner.rundir.reader import read_records
+from runner.rundir.layout import MANIFEST, REJECTED, SUMMARY, chat_paths
+from runner.rundir.reader import Run, read_records
 from runner.rundir.resume import file_sha256
+from runner.rundir.summary import Summary
 from runner.rundir.writer import record_sha256, write_json_atomically, write_jsonl_atomically
 
 SHOWN_PROBLEMS = 20  # a refusal lists at most this many problems, then counts the rest
@@ -38,18 +39,23 @@ class Shard:
 
     path: Path
     manifest: dict[str, Any]
-    summary: dict[str, Any]
+    summary: Summary
 
     @classmethod
     def read(cls, path: Path) -> Shard:
-        return cls(path, _read_json(path / MANIFEST), _read_json(path / "summary.json"))
+        run = Run(path)
+        for name in (MANIFEST, SUMMARY):
+            if not (path / name).is_file():
+                raise RunnerError(f"{path / name} is missing: is {path} a run dir of a finished shard?")
+        assert run.manifest is not None and run.summary is not None
+        return cls(path, run.manifest, run.summary)
 
     @property
     def index(self) -> int:
         return self.manifest["config"]["shard"]["index"]
 
 
-def merge(shard_dirs: list[Path], out: Path) -> dict[str, Any]:
+def merge(shard_dirs: list[Path], out: Path) -> Summary:
     """Check that the shards make one whole replay, then write it to `out`; return its summary."""
     shards = [Shard.read(path) for path in shard_dirs]
     _check_shards(shards)
@@ -79,19 +85,51 @@ def merge(shard_dirs: list[Path], out: Path) -> dict[str, Any]:
     manifest = shards[0].manifest
     config = {**manifest["config"], "shard": {"index": 0, "count": 1}}
     write_json_atomically(out / MANIFEST, {"config": config, "inputs": manifest["inputs"]})
-    summaries = [shard.summary for shard in shards]
-    summary = {
-        "status": "merged",
-        "shards": [str(shard.path) for shard in shards],
-        "records": sum(len(records) for records in by_file.values()),
-        "rejected": len(rejected),
-        "turns": sum(s["turns"] for s in summaries),
-        "generated_tokens": sum(s["generated_tokens"] for s in summaries),
-        "chat_files": sorted(by_file),
-        "record_sha256": {name: [record_sha256(r) for r in by_file[name]] for name in sorted(by_file)},
-    }
-    write_json_atomically(out / "summary.json", summary)
+    summary = _merged_summary(shards, by_file, list(rejected.values()))
+    write_json_atomically(out / SUMMARY, summary.to_json())
     return summary
+
+
+def _merged_summary(
+    shards: list[Shard], by_file: dict[str, list[dict[str, Any]]], rejected: list[dict[str, Any]]
+) -> Summary:
+    """A single run's summary for the whole replay: the first shard's setup, everything counted
+    summed over the shards, the largest peak memory, and the merged files' record digests."""
+    summaries = [shard.summary for shard in shards]
+    first = summaries[0]
+
+    def total(name: str) -> Counter[str]:
+        return sum((Counter(getattr(s, name)) for s in summaries), Counter())
+
+    peaks = [s.peak_memory for s in summaries if s.peak_memory is not None]
+    order = [name for name in first.chat_files if name in by_file] + sorted(
+        set(by_file) - set(first.chat_files)
+    )
+    return dataclasses.replace(
+        first,
+        status="merged",
+        error=None,
+        conversations=sum(s.conversations or 0 for s in summaries),
+        rejected=dict(Counter(reject["code"] for reject in rejected)),
+        records=sum(len(records) for records in by_file.values()),
+        records_kept_from_before=0,
+        turns=sum(s.turns for s in summaries),
+        errors=dict(total("errors")),
+        prompt_tokens=sum(s.prompt_tokens for s in summaries),
+        generated_tokens=sum(s.generated_tokens for s in summaries),
+        finish_reasons=dict(total("finish_reasons")),
+        load_seconds=None,
+        replay_seconds=None,
+        wall_seconds=None,
+        tokens_per_second=None,
+        turn_seconds=None,
+        first_token_seconds=None,
+        roofline=None,
+        peak_memory=max(peaks, key=lambda peak: peak.bytes or 0) if peaks else None,
+        chat_files=order,
+        record_sha256={name: [record_sha256(r) for r in by_file[name]] for name in order},
+        shards=[str(shard.path) for shard in shards],
+    )
 
 
 def _check_shards(shards: list[Shard]) -> None:
@@ -103,10 +141,8 @@ def _check_shards(shards: list[Shard]) -> None:
     if len(counts) != 1 or indices != list(range(next(iter(counts)))):
         problems.append(f"shards are not one full set: shard.count {sorted(counts)}, shard.index {indices}")
     for shard in shards:
-        if shard.summary.get("status") != "completed":
-            problems.append(
-                f"{shard.path} is incomplete (status {shard.summary.get('status')!r}): resume it first"
-            )
+        if shard.summary.status != "completed":
+            problems.append(f"{shard.path} is incomplete (status {shard.summary.status!r}): resume it first")
         if shard.manifest["inputs"] != first.manifest["inputs"]:
             problems.append(f"{shard.path} replayed other inputs than {first.path} (paths or sha256 differ)")
         if {**shard.manifest["config"], "shard": None} != {**first.manifest["config"], "shard": None}:
@@ -156,10 +192,9 @@ def _verified_records(
     for stray in sorted(set((shard.path / "chats").glob("*.jsonl")) - {shard.path / n for n in expected}):
         problems.append(f"{stray} is no chats file of this run's inputs")
 
-    digests = shard.summary.get("record_sha256")
-    if digests is None:
+    digests = shard.summary.record_sha256
+    if not digests and any(expected.values()):
         problems.append(f"{shard.path / 'summary.json'} holds no record digests: cannot verify {shard.path}")
-        digests = {}
     held: dict[str, list[dict[str, Any]]] = {}
     for name, owned in expected.items():
         path = shard.path / name
@@ -199,13 +234,7 @@ def _listed(keys: dict[Key, Conversation], shown: int = 5) -> str:
 
 
 def _rejects(shard: Path) -> list[dict[str, Any]]:
-    return read_records(shard / REJECTED) if (shard / REJECTED).exists() else []
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise RunnerError(f"{path} is missing: is {path.parent} a run dir of a finished shard?")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return Run(shard).rejects()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -217,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         summary = merge(args.shards, args.out)
     except RunnerError as error:
         sys.exit(f"error: {error}")
-    print(f"merged {len(args.shards)} shards: {summary['records']} records in {args.out}")
+    print(f"merged {len(args.shards)} shards: {summary.records} records in {args.out}")
 
 
 if __name__ == "__main__":

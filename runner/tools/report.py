@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 import textwrap
 from pathlib import Path
@@ -18,9 +17,9 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import OmegaConf
 
 from runner.rundir.layout import LATEST_SWEEP, point_latest
+from runner.rundir.reader import Run, sweep_jobs
 
 COLUMNS = (
     "job",
@@ -40,60 +39,36 @@ COLUMNS = (
 
 def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     """A row per job dir (a dir with .hydra/) of the sweep, in job order."""
-    jobs = sorted(
-        (path for path in sweep_dir.iterdir() if (path / ".hydra").is_dir()),
-        key=lambda path: (
-            int(path.name.split("_")[0]) if path.name.split("_")[0].isdigit() else 1 << 30,
-            path.name,
-        ),
-    )
-    return [_row(job) for job in jobs]
+    return [_row(job) for job in sweep_jobs(sweep_dir)]
 
 
-def user_overrides(job: Path) -> list[str]:
-    """A job's command-line overrides (none without .hydra/, e.g. a merged run), less the
-    `resume=true` a requeued attempt adds, which is no choice of the user's."""
-    path = job / ".hydra" / "overrides.yaml"
-    listed = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
-    return [override for override in listed if override.split("=", 1)[0].lstrip("+~") != "resume"]
-
-
-def _row(job: Path) -> dict[str, Any]:
-    overrides = user_overrides(job)
-    config = OmegaConf.to_container(OmegaConf.load(job / ".hydra" / "config.yaml"))
+def _row(job: Run) -> dict[str, Any]:
+    config = job.hydra_config
     row = {
         "job": job.name,
-        "overrides": " ".join(overrides),
+        "overrides": " ".join(job.user_overrides()),
         "model": config.get("model", {}).get("name"),
         "precision": config.get("precision", {}).get("dtype"),
         "quant": config.get("quant", {}).get("method"),
         "device": config.get("device", {}).get("kind"),
     }
-    summary_path = job / "summary.json"
-    if not summary_path.exists():
+    summary = job.summary
+    if summary is None:
         return {**row, "status": "failed", "error": _last_error(job)}
-    summary = json.loads(summary_path.read_text())
-    peak_memory = summary.get("peak_memory")  # absent when a run was stopped before it loaded
-    peak = peak_memory and (peak_memory["cuda_bytes"] or peak_memory["rss_bytes"])
+    peak = summary.peak_memory.bytes if summary.peak_memory else None  # None: stopped before loading
     return {
         **row,
-        "status": summary["status"],
-        "conversations": summary.get("conversations"),
-        "tokens_per_second": summary.get("tokens_per_second"),
+        "status": summary.status,
+        "conversations": summary.conversations,
+        "tokens_per_second": summary.tokens_per_second,
         "peak_memory_gib": round(peak / 2**30, 3) if peak else None,
-        "wall_seconds": summary.get("wall_seconds"),
-        "error": summary.get("error") or ("" if summary["status"] == "completed" else _last_error(job)),
+        "wall_seconds": summary.wall_seconds,
+        "error": summary.error or ("" if summary.status == "completed" else _last_error(job)),
     }
 
 
-def _last_error(job: Path) -> str:
-    log = job / "chat-runner.log"
-    errors = [line for line in log.read_text().splitlines() if "[ERROR]" in line] if log.exists() else []
-    return (
-        errors[-1].split(" - ", 1)[-1]
-        if errors
-        else "no summary.json and no error in the log (still running?)"
-    )
+def _last_error(job: Run) -> str:
+    return job.last_logged_error() or "no summary.json and no error in the log (still running?)"
 
 
 def write_report(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -133,29 +108,11 @@ def job_labels(rows: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-
-
-def resolved_setup(job_dir: Path) -> dict[str, str] | None:
-    """The precision and device a job ran on, as its summary.json recorded them once the model had
-    loaded (fp32 and cpu where the config said auto); None when it has no such record."""
-    path = job_dir / "summary.json"
-    loaded = json.loads(path.read_text(encoding="utf-8")).get("loaded") if path.exists() else None
-    if not loaded:
-        return None
-    # hf_device_map names a GPU by its index; a model split over devices lists each once.
-    devices = [f"cuda:{d}" if d.isdigit() else d for d in dict.fromkeys(loaded["device_map"].values())]
-    return {
-        "precision": DTYPES.get(loaded["dtype"], loaded["dtype"]),
-        "device": "+".join(devices) or loaded["device"],
-    }
-
-
 def chart_labels(rows: list[dict[str, Any]], sweep_dir: Path) -> list[str]:
     """A bar's label: the job's label (wrapped, never cut) over its resolved precision/device."""
     labels = []
     for label, row in zip(job_labels(rows), rows, strict=True):
-        setup = resolved_setup(sweep_dir / row["job"])
+        setup = Run(sweep_dir / row["job"]).resolved_setup()
         lines = textwrap.wrap(label, 40, break_long_words=False, break_on_hyphens=False)
         labels.append("\n".join(lines + ([f"{setup['precision']}/{setup['device']}"] if setup else [])))
     return labels

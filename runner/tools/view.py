@@ -21,7 +21,8 @@ from typing import Any
 
 from runner.errors import RunnerError
 from runner.rundir.layout import LATEST_RUN
-from runner.tools.report import COLUMNS, job_labels, job_rows, resolved_setup
+from runner.rundir.reader import Run, is_run_dir
+from runner.tools.report import COLUMNS, job_labels, job_rows
 
 TEMPLATE = Path(__file__).with_name("view.html")
 ROLES = {"system": 0, "user": 1, "assistant": 2}
@@ -44,7 +45,7 @@ class _Strings:
 def build(directory: Path) -> Path:
     """Write `directory`/index.html for a run dir or a sweep dir; return its path."""
     rows = None  # a run dir; a sweep dir has its report rows, one per job dir
-    if not ((directory / "chats").is_dir() or (directory / "summary.json").exists()):
+    if not is_run_dir(directory):
         rows = job_rows(directory) if directory.is_dir() else []
         if not rows:
             raise RunnerError(
@@ -66,20 +67,19 @@ def collect(directory: Path, rows: list[dict[str, Any]] | None) -> dict[str, Any
     labels = job_labels(rows) if rows else [directory.name]
     jobs, conversations, keys = [], [], {}
     for number, (job_dir, row) in enumerate(zip(job_dirs, rows or [{}], strict=True)):
-        overrides = job_dir / ".hydra" / "overrides.yaml"
-        config = job_dir / ".hydra" / "config.yaml"
+        job = Run(job_dir)
         jobs.append(
             {
-                "dir": job_dir.name,
+                "dir": job.name,
                 "label": labels[number],
-                "summary": _summary(job_dir),
+                "summary": _summary(job),
                 "error": row.get("error") or None,
-                "overrides": overrides.read_text(encoding="utf-8") if overrides.exists() else None,
-                "config": config.read_text(encoding="utf-8") if config.exists() else None,
+                "overrides": job.hydra_text("overrides"),
+                "config": job.hydra_text("config"),
             }
         )
-        for chat_file in sorted((job_dir / "chats").glob("*.jsonl")):
-            for record in _whole_records(chat_file):
+        for chat_file, records in job.records_by_file().items():
+            for record in records:
                 key = (chat_file.stem, str(record["id"]), record["replay"]["sample"])
                 if key not in keys:
                     keys[key] = len(conversations)
@@ -107,7 +107,7 @@ def _report(directory: Path, rows: list[dict[str, Any]], labels: list[str]) -> d
     those all share are said once), precision and device as they resolved (`fp32 (auto)`)."""
     shown = []
     for row, label in zip(rows, labels, strict=True):
-        setup = resolved_setup(directory / row["job"]) or {}
+        setup = Run(directory / row["job"]).resolved_setup() or {}
         resolved = {
             key: value if value == row[key] else f"{value} ({row[key]})" for key, value in setup.items()
         }
@@ -130,49 +130,29 @@ def _cell(record: dict[str, Any], strings: _Strings) -> dict[str, Any]:
     }
 
 
-def _summary(job_dir: Path) -> dict[str, Any] | None:
+def _summary(job: Run) -> dict[str, Any] | None:
     """The figures the page shows of a run, from its summary.json (None while it has none)."""
-    path = job_dir / "summary.json"
-    if not path.exists():
+    summary = job.summary
+    if summary is None:
         return None
-    summary = json.loads(path.read_text(encoding="utf-8"))
-    peak = summary["peak_memory"]["cuda_bytes"] or summary["peak_memory"]["rss_bytes"]
-    speculative = summary.get("speculative")
+    peak = summary.peak_memory.bytes if summary.peak_memory else None
     # What the model ran with (fp32, cpu), and what the config asked for where that differs.
-    setup = {key: summary[key] for key in ("precision", "device")} | (resolved_setup(job_dir) or {})
+    asked = {"precision": summary.precision, "device": summary.device}
+    setup = asked | (job.resolved_setup() or {})
     return {
-        "model": summary["model"]["name"],
-        **{
-            key: value if value == summary[key] else f"{value} ({summary[key]})"
-            for key, value in setup.items()
-        },
-        "quant": summary["quant"],
-        "engine": summary["engine"],
-        "status": summary["status"],
-        "conversations": summary["conversations"],
-        "turns": summary["turns"],
-        "generated_tokens": summary["generated_tokens"],
-        "tokens_per_second": summary["tokens_per_second"],
-        "peak_memory_gib": round(peak / 2**30, 3),
-        "errors": sum(summary["errors"].values()),
-        "speculative": speculative["acceptance_rate"] if speculative else None,
+        "model": summary.model.name if summary.model else None,
+        **{key: value if value == asked[key] else f"{value} ({asked[key]})" for key, value in setup.items()},
+        "quant": summary.quant,
+        "engine": summary.engine,
+        "status": summary.status,
+        "conversations": summary.conversations,
+        "turns": summary.turns,
+        "generated_tokens": summary.generated_tokens,
+        "tokens_per_second": summary.tokens_per_second,
+        "peak_memory_gib": round(peak / 2**30, 3) if peak else None,
+        "errors": summary.error_count,
+        "speculative": summary.speculative["acceptance_rate"] if summary.speculative else None,
     }
-
-
-def _whole_records(path: Path) -> list[dict[str, Any]]:
-    """The records of a chats file; a torn last line (a run still writing, or killed) is left out."""
-    records = []
-    lines = path.read_bytes().split(b"\n")
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines):  # no newline after it: not yet (or never) finished
-                break
-            raise RunnerError(f"{path}:{number}: not a whole JSON record") from None
-    return records
 
 
 def render(data: dict[str, Any]) -> str:

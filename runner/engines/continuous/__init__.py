@@ -8,27 +8,25 @@ slot_cache.py holds the KV cache, sampling.py picks each row's token, cpu_linear
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
+
+from runner.engines.protocol import Capabilities, Engine, Sampling
+
+if TYPE_CHECKING:
+    from runner.config.schema import RunConfig
+    from runner.engines.registry import EngineSetup
 
 log = logging.getLogger(__name__)
 
+CAPABILITIES = Capabilities()
 
-def build(cfg: Any, setup: Any) -> Any:
-    """engine=continuous: the model alone, or the pipeline engine when decoding speculatively
-    (transformers drafts for one sequence at a time, so that stays a batch-1 generate path)."""
+
+def build(cfg: RunConfig, setup: EngineSetup) -> Engine:
+    """The model alone (its fp32 CPU linears packed for oneDNN) behind the continuous engine."""
     from runner.engines.continuous.cpu_linear import use_onednn_linear
     from runner.engines.continuous.engine import ContinuousEngine
-    from runner.engines.protocol import Sampling
     from runner.model.loading import load_causal_lm
 
-    if cfg.generation.speculation:
-        from runner.engines import pipeline
-
-        log.info(
-            "speculative decoding (%s) runs one turn at a time through generate (engine=pipeline's path)",
-            cfg.generation.speculation,
-        )
-        return pipeline.build(cfg, setup)
     model = load_causal_lm(setup.arguments.load)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = setup.tokenizer.pad_token_id

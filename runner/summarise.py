@@ -1,0 +1,167 @@
+"""The run's summary assembled from what each step produced, and its closing log lines."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from runner.config.schema import RunConfig
+from runner.loading import LoadedEngine
+from runner.model import hardware
+from runner.recording import Replayed
+from runner.replay import Turn
+from runner.rundir.environment import environment, peak_rss_bytes
+from runner.rundir.summary import BatchSize, LoadedInfo, ModelInfo, PeakMemory, Summary
+from runner.workload import Workload
+
+log = logging.getLogger(__name__)
+
+
+def summarise(
+    cfg: RunConfig,
+    run_dir: Path,
+    workload: Workload,
+    loaded: LoadedEngine,
+    replayed: Replayed,
+    started: float,
+) -> Summary:
+    """summary.json: what was loaded and replayed, how it ended, how fast, and on what (`started`:
+    the run's perf_counter at its start, for its wall time)."""
+    turns = [turn for record_turns, _ in replayed.records for turn in record_turns]
+    speed = _generated(replayed.new_turns) / replayed.seconds if replayed.seconds else 0.0
+    engine, described = loaded.engine, loaded.description
+    counters = engine.counters()
+    architecture = loaded.setup.architecture
+    active = (architecture.active_params or architecture.params) / architecture.params
+    bandwidth = hardware.memory_bandwidth(described["device"], Path(cfg.cache_dir).expanduser())
+    return Summary(
+        status=replayed.status,
+        error=f"{type(replayed.stop).__name__}: {replayed.stop}" if replayed.status == "failed" else None,
+        model=ModelInfo(cfg.model.name, cfg.model.source.value, loaded.setup.location, cfg.model.revision),
+        precision=cfg.precision.dtype.value,
+        quant=cfg.quant.method.value,
+        device=cfg.device.kind.value,
+        loaded=LoadedInfo(**{f.name: described[f.name] for f in dataclasses.fields(LoadedInfo)}),
+        engine=loaded.setup.choice.kind.value,
+        engine_version=described.get("engine_version"),
+        batch_size=BatchSize(loaded.configured_batch_size, engine.batch_size),
+        cache=_section(counters.cache),
+        steps=_section(counters.steps),
+        speculative=_section(counters.speculative),
+        replay_mode=cfg.replay.mode.value,
+        generation=dataclasses.asdict(cfg.generation),
+        chat_template_sha256=engine.chat_template_sha256,
+        system_folded=not engine.supports_system_role,
+        input_files=[str(path) for path in workload.files],
+        chat_files=[str(path.relative_to(run_dir)) for path in replayed.digests],
+        conversations=len(workload.conversations),
+        rejected=dict(Counter(reject.code for reject in workload.rejected)),
+        records=len(replayed.records),
+        records_kept_from_before=replayed.kept,
+        turns=len(turns),
+        errors=dict(Counter(code for _, code in replayed.records if code is not None)),
+        prompt_tokens=sum(turn.prompt_tokens for turn in turns),
+        generated_tokens=_generated(turns),
+        finish_reasons=dict(Counter(turn.finish_reason for turn in turns)),
+        load_seconds=round(loaded.seconds, 3),
+        replay_seconds=round(replayed.seconds, 3),
+        tokens_per_second=round(speed, 2),  # this session's new tokens over its replay time
+        turn_seconds=_percentiles(turn.seconds for turn in replayed.new_turns),
+        first_token_seconds=_percentiles(turn.first_token_seconds for turn in replayed.new_turns),
+        memory_plan=loaded.memory_plan.as_dict(),
+        roofline=_roofline(replayed.new_turns, described, active, bandwidth, speed),
+        peak_memory=PeakMemory(peak_rss_bytes(), hardware.accelerator_peak_bytes()),
+        environment={**environment(), **hardware.accelerator_environment()},
+        record_sha256={
+            str(path.relative_to(run_dir)): digests for path, digests in replayed.digests.items() if digests
+        },
+        wall_seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+def log_done(summary: Summary, replayed: Replayed, run_dir: Path) -> None:
+    """The closing lines: the roofline, speculation, counts by outcome, speed, where to read them."""
+    roofline = summary.roofline or {}
+    log.info(
+        "roofline: %.1f GB/s over %.1f MB read per token = %.1f tokens/s at batch 1; this run %.1f "
+        "tokens/s, %.0f%% of it",
+        roofline["memory_bandwidth_bytes_per_second"] / 1e9,
+        roofline["bytes_per_token"] / 1e6,
+        roofline["batch1_tokens_per_second"],
+        summary.tokens_per_second,
+        100 * roofline["fraction"],
+    )
+    if summary.speculative:
+        speculative = summary.speculative
+        log.info(
+            "speculative decoding (%s): %.0f%% of %d drafted tokens accepted, %.2f tokens per forward pass",
+            speculative["method"],
+            100 * speculative["acceptance_rate"],
+            speculative["drafted_tokens"],
+            speculative["tokens_per_forward_pass"],
+        )
+    log.info(
+        "done: %d conversation(s), %d turn(s) (finish reasons: %s), errors: %s, rejected lines: %s; "
+        "%d new tokens in %.1f s (%.1f tokens/s)",
+        summary.conversations,
+        summary.turns,
+        _counts(summary.finish_reasons),
+        _counts(summary.errors),
+        _counts(summary.rejected),
+        _generated(replayed.new_turns),
+        summary.replay_seconds,
+        summary.tokens_per_second,
+    )
+    log.info("outputs: %s", run_dir)
+    log.info("read them: python -m runner.view %s", run_dir)
+
+
+def _section(counters: Any) -> dict[str, Any] | None:
+    """An engine's counters (a dataclass of its own) as a summary.json section."""
+    return dataclasses.asdict(counters) if dataclasses.is_dataclass(counters) else counters
+
+
+def _generated(turns: Iterable[Turn]) -> int:
+    return sum(turn.new_tokens for turn in turns)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    """'length 5, eos 4' (largest first), or 'none'."""
+    ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return ", ".join(f"{key} {count}" for key, count in ordered) or "none"
+
+
+def _roofline(
+    turns: list[Turn], loaded: dict[str, Any], active: float, bandwidth: float, speed: float
+) -> dict[str, float]:
+    """Decoding reads the active weights (`active` of them: a mixture of experts reads the experts
+    it routes to) and the whole KV cache once per step: at batch 1 that bounds the speed at
+    bandwidth / bytes per token. The KV part uses the mean context over generated tokens."""
+    generated = _generated(turns)
+    context = (
+        sum(t.new_tokens * (t.prompt_tokens + t.new_tokens / 2) for t in turns) / generated
+        if generated
+        else 0
+    )
+    per_token = active * loaded["weights_bytes"] + loaded["kv_bytes_per_token"] * context
+    batch1 = bandwidth / per_token
+    return {
+        "memory_bandwidth_bytes_per_second": round(bandwidth),
+        "bytes_per_token": round(per_token),
+        "batch1_tokens_per_second": round(batch1, 2),
+        "fraction": round(speed / batch1, 4),
+    }
+
+
+def _percentiles(values: Iterable[float]) -> dict[str, float | None]:
+    """p50 and p95 (nearest rank) of per-turn timings; None when there are no turns."""
+    ordered = sorted(values)
+    if not ordered:
+        return {"p50": None, "p95": None}
+    return {f"p{q}": round(ordered[math.ceil(q / 100 * len(ordered)) - 1], 4) for q in (50, 95)}
