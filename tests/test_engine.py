@@ -3,14 +3,17 @@ continuous engine's scheduling (no turn barrier, chunked prefill, cache reuse, f
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 
 import pytest
 
 from runner.config.schema import ReplayMode
-from runner.engines.chat_model import stop_token_ids, template_supports_system_role
-from runner.engines.continuous.engine import ContinuousEngine, Phase
+from runner.engines.chat_model import stop_token_ids
+from runner.engines.chat_template import template_supports_system_role
+from runner.engines.continuous.engine import ContinuousEngine
+from runner.engines.continuous.scheduler import Phase
 from runner.engines.pipeline import PipelineEngine
 from runner.engines.protocol import Reply, Request, Sampling
 from runner.inputs.conversation import Conversation, Message
@@ -19,16 +22,8 @@ from runner.replay import replay_all, replay_conversation
 pytestmark = pytest.mark.slow
 
 QUESTION = (Message("user", "What is the capital of France?"),)
-GREEDY = {
-    "max_new_tokens": 24,
-    "min_new_tokens": 0,
-    "do_sample": False,
-    "repetition_penalty": 1.0,
-    "temperature": None,
-    "top_p": None,
-    "top_k": None,
-}
-SAMPLING = {**GREEDY, "do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 50}
+GREEDY = Sampling(max_new_tokens=24)
+SAMPLING = replace(GREEDY, do_sample=True, top_k=50)
 # google/gemma-2-9b-it's chat template: it raises on a system message.
 GEMMA2_TEMPLATE = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
@@ -107,7 +102,7 @@ def test_greedy_reply_is_correct_deterministic_and_stops_at_eos(smol_pipeline):
     first, second = ask(engine, QUESTION, seed=1), ask(engine, QUESTION, seed=2)
     assert without_time(first) == without_time(second)
     assert "Paris" in first.text
-    assert first.finish_reason == "stop" and 0 < first.new_tokens < GREEDY["max_new_tokens"]
+    assert first.finish_reason == "stop" and 0 < first.new_tokens < GREEDY.max_new_tokens
     assert "<|im_end|>" not in first.text and "assistant" not in first.text
     prompt_ids = smol_pipeline.tokenizer.apply_chat_template(
         [m.as_dict() for m in QUESTION], add_generation_prompt=True, return_dict=True
@@ -116,12 +111,12 @@ def test_greedy_reply_is_correct_deterministic_and_stops_at_eos(smol_pipeline):
 
 
 def test_length_limit_is_reported(smol_pipeline):
-    reply = ask(PipelineEngine(smol_pipeline, {**GREEDY, "max_new_tokens": 3}), QUESTION)
+    reply = ask(PipelineEngine(smol_pipeline, replace(GREEDY, max_new_tokens=3)), QUESTION)
     assert (reply.new_tokens, reply.finish_reason) == (3, "length")
 
 
 def test_min_new_tokens_forces_the_length(smol_pipeline):
-    reply = ask(PipelineEngine(smol_pipeline, {**GREEDY, "min_new_tokens": 20}), QUESTION)
+    reply = ask(PipelineEngine(smol_pipeline, replace(GREEDY, min_new_tokens=20)), QUESTION)
     assert reply.new_tokens >= 20
 
 
@@ -146,7 +141,7 @@ def test_template_without_system_role_is_detected_and_folded(smol_pipeline):
     assert template_supports_system_role(tokenizer)
     try:
         tokenizer.chat_template = GEMMA2_TEMPLATE
-        engine = PipelineEngine(smol_pipeline, {**GREEDY, "max_new_tokens": 4})
+        engine = PipelineEngine(smol_pipeline, replace(GREEDY, max_new_tokens=4))
         assert not engine.supports_system_role
         messages = (Message("system", "Answer like a pirate."), *QUESTION, Message("user", "Why?"))
         result = replay_conversation(
@@ -165,15 +160,15 @@ def test_template_without_system_role_is_detected_and_folded(smol_pipeline):
 
 
 def test_continuous_greedy_replay_equals_the_pipeline_at_any_batch_size(smol_pipeline, smol_model):
-    pipeline = replay_texts(PipelineEngine(smol_pipeline, {**GREEDY, "max_new_tokens": 16}), DOZEN)
+    pipeline = replay_texts(PipelineEngine(smol_pipeline, replace(GREEDY, max_new_tokens=16)), DOZEN)
     for batch_size in (1, 5, 32):
         engine = continuous(smol_model, smol_pipeline, batch_size)
         assert replay_texts(engine, DOZEN) == pipeline, f"batch size {batch_size}"
-        stats = engine.counters()["cache"]
-        assert stats["reused_tokens"] > stats["prefill_tokens"] / 3  # later turns reused their slot's cache
-        assert stats["prefix_mismatches"] == 0
+        stats = engine.counters().cache
+        assert stats.reused_tokens > stats.prefill_tokens / 3  # later turns reused their slot's cache
+        assert stats.prefix_mismatches == 0
         # The default system prompt's KV is copied between slots whenever two are in flight.
-        assert (stats["shared_tokens"] > 0) == (batch_size > 1)
+        assert (stats.shared_tokens > 0) == (batch_size > 1)
 
 
 def test_seeded_sampling_is_the_same_at_any_batch_size_and_in_any_input_order(smol_pipeline, smol_model):
@@ -232,8 +227,8 @@ def test_no_turn_barrier_and_a_long_prompt_is_prefilled_in_chunks(smol_pipeline,
     # Both turns of stream 1 finished before the 40-token reply beside them.
     assert [s for s in finished if s in (1, 2)] == [1, 1, 2]
     tokens = len(engine.prompt_ids(long_prompt))
-    assert engine.counters()["steps"]["prefill_passes"] >= (tokens - 1) // 16
-    reference = PipelineEngine(smol_pipeline, {**GREEDY, "max_new_tokens": 4}).generate(
+    assert engine.counters().steps.prefill_passes >= (tokens - 1) // 16
+    reference = PipelineEngine(smol_pipeline, replace(GREEDY, max_new_tokens=4)).generate(
         [Request(long_prompt, 0)]
     )
     chunked = run_requests(
@@ -248,7 +243,7 @@ def test_a_prompt_start_held_by_another_slot_is_copied_not_prefilled(smol_pipeli
     other = chat("other", system, (U, "Name a fruit."))
     conversations = [*samples, other]
     engine = continuous(smol_model, smol_pipeline, batch_size=4, max_new_tokens=8)
-    pipeline = PipelineEngine(smol_pipeline, {**GREEDY, "max_new_tokens": 8})
+    pipeline = PipelineEngine(smol_pipeline, replace(GREEDY, max_new_tokens=8))
     assert replay_texts(engine, conversations) == replay_texts(pipeline, conversations)
 
     def ids(conversation):
@@ -259,11 +254,11 @@ def test_a_prompt_start_held_by_another_slot_is_copied_not_prefilled(smol_pipeli
     sample, fruit = ids(samples[0]), ids(other)
     common = next(i for i, (a, b) in enumerate(zip(sample, fruit, strict=False)) if a != b)
     assert common > 40  # the system prompt and the user turn's opening
-    stats = engine.counters()["cache"]
+    stats = engine.counters().cache
     # The first sample prefills its prompt; the other two copy all of it but the token their first
     # decoding step feeds, and the fruit question copies the start it has in common.
-    assert stats["shared_tokens"] == 2 * (len(sample) - 1) + common
-    assert stats["prefill_tokens"] == len(sample) + 2 + len(fruit) - common
+    assert stats.shared_tokens == 2 * (len(sample) - 1) + common
+    assert stats.prefill_tokens == len(sample) + 2 + len(fruit) - common
 
 
 def test_kv_cache_is_allocated_per_slot_not_per_step(smol_pipeline, smol_model):
@@ -291,13 +286,13 @@ def test_template_that_rewrites_history_falls_back_to_a_full_prefill(smol_pipeli
     )
     try:
         tokenizer.chat_template = rewriting
-        pipeline = replay_texts(PipelineEngine(smol_pipeline, {**GREEDY, "max_new_tokens": 8}), DOZEN[:4])
+        pipeline = replay_texts(PipelineEngine(smol_pipeline, replace(GREEDY, max_new_tokens=8)), DOZEN[:4])
         engine = continuous(smol_model, smol_pipeline, 4, max_new_tokens=8)
         texts = replay_texts(engine, DOZEN[:4])
     finally:
         tokenizer.chat_template = original
     assert texts == pipeline
-    assert engine.counters()["cache"]["prefix_mismatches"] > 0
+    assert engine.counters().cache.prefix_mismatches > 0
 
 
 def test_out_of_memory_lowers_the_slots_and_generates_every_turn_once(smol_pipeline, smol_model, monkeypatch):
@@ -363,19 +358,21 @@ def test_control_tokens_in_user_content_are_flagged(smol_pipeline, smol_model):
 # and 21/23.
 @pytest.mark.parametrize(("quant", "floor"), [("int8", 0.3), ("int4", 0.75)])
 def test_quantized_replies_match_the_pipeline(compose_config, quant, floor, capsys):
-    from runner.config.schema import to_run_config
-    from runner.engines import EngineSetup, build_engine
-    from runner.model import loading as model
+    from runner.config.compose import to_run_config
+    from runner.engines.registry import EngineSetup, build_engine
+    from runner.loading import prepare_model
+    from runner.model.loading import load_tokenizer
 
     cfg = to_run_config(compose_config(f"quant={quant}", "device=cpu", "generation.max_new_tokens=12"))
-    hardware, arguments = model.prepare(cfg)
-    tokenizer = model.load_tokenizer(arguments.load)
+    setup = prepare_model(cfg)
+    tokenizer = load_tokenizer(setup.arguments.load)
     engines = {}
     for kind in ("pipeline", "continuous"):
         kind_cfg = to_run_config(
             compose_config(f"quant={quant}", "device=cpu", "generation.max_new_tokens=12", f"engine={kind}")
         )
-        engines[kind] = build_engine(kind_cfg, EngineSetup(hardware, arguments, tokenizer, 6))
+        engine_setup = EngineSetup(setup.hardware, setup.arguments, tokenizer, 6)
+        engines[kind] = build_engine(kind_cfg, kind_cfg.engine.kind, engine_setup)
     quantized = engines["continuous"].model.model.layers[0].mlp.up_proj
     assert type(quantized).__name__ == {"int8": "Linear8bitLt", "int4": "Linear4bit"}[quant]
 
@@ -389,3 +386,17 @@ def test_quantized_replies_match_the_pipeline(compose_config, quant, floor, caps
         print(f"\n{quant}: {equal}/{len(pipeline)} replies equal engine=pipeline's")
     assert equal >= floor * len(pipeline)
     assert all(reply.strip() for reply in continuous_replies)
+
+
+def test_a_temperature_near_zero_decodes_greedily_instead_of_crashing(smol_pipeline, smol_model):
+    # OpenAI's range [0, 2] allows 1e-40: logits / 1e-40 overflow into inf and nan, which crashed
+    # the whole run in torch.multinomial ("probability tensor contains either inf, nan").
+    tiny = Sampling(8, do_sample=True, temperature=1e-40)
+    assert not tiny.do_sample
+    greedy = replay_texts(continuous(smol_model, smol_pipeline, 2, max_new_tokens=8), DOZEN[:2])
+    engine = continuous(smol_model, smol_pipeline, 2, max_new_tokens=8, do_sample=True, temperature=1e-40)
+    assert replay_texts(engine, DOZEN[:2]) == greedy
+    assert (
+        ask(PipelineEngine(smol_pipeline, tiny), QUESTION).text
+        == ask(PipelineEngine(smol_pipeline, Sampling(8)), QUESTION).text
+    )

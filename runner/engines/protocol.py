@@ -13,6 +13,8 @@ from typing import Any, Protocol
 
 from runner.inputs.conversation import Message
 
+MIN_TEMPERATURE = 1e-4  # a temperature below it decodes greedily
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -26,6 +28,12 @@ class Sampling:
     top_k: int = 0  # 0: no top-k filter
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()  # strings that end the reply (not kept in its text), as OpenAI's `stop`
+
+    def __post_init__(self) -> None:
+        # Below MIN_TEMPERATURE sampling is greedy decoding to float precision, and dividing the
+        # logits by a temperature near 0 (OpenAI's range allows 1e-40) overflows into inf/nan.
+        if self.do_sample and self.temperature < MIN_TEMPERATURE:
+            object.__setattr__(self, "do_sample", False)
 
     @classmethod
     def from_config(cls, generation: Any) -> Sampling:

@@ -1,12 +1,11 @@
 """fp32 linear layers on a CPU through oneDNN, with weights packed once into its blocked layout.
 
-At the small row counts of decoding (one token per row) MKL's GEMM streams the weights at a
+Why: at the small row counts of decoding (one token per row) MKL's GEMM streams the weights at a
 fraction of the memory bandwidth on some CPUs, and oneDNN on plain weights re-blocks them on every
-call. Packed once, SmolLM2-135M's weights take 35 ms at 16 rows on a 2-core AMD EPYC, against 55 ms
-for oneDNN on plain weights and 71-89 ms for MKL (26 against 33 ms at one row). Results agree with
-PyTorch's to float rounding, and a row's result does not depend on the rows beside it. Only plain
-`nn.Linear` layers with fp32 weights on the CPU are packed; quantized, half-precision and GPU layers
-are left as they are.
+call; weights packed once skip both costs (the README's "On a CPU" has the measured figures).
+Results agree with PyTorch's to float rounding, and a row's result does not depend on the rows
+beside it. Only plain `nn.Linear` layers with fp32 weights on the CPU are packed; quantized,
+half-precision and GPU layers are left as they are.
 
 Memory: a packed weight replaces the plain one, except where the plain one is shared with another
 module (an lm_head tied to the embeddings keeps both). Weights memory-mapped from a safetensors file
