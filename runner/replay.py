@@ -164,7 +164,7 @@ class ConversationReplay:
     def record(self, outcome: Reply | TurnError) -> Turn | None:
         """Take the engine's answer to `pending`; returns the new turn (None after an error)."""
         if isinstance(outcome, TurnError):
-            self.error, self.pending = outcome, None
+            self._keep_the_rest(outcome)
             return None
         reference = self._answer_at[self._next - 1]
         self.history.append(Message("assistant", outcome.text))
@@ -181,6 +181,15 @@ class ConversationReplay:
         self.turns.append(turn)
         self._advance()
         return turn
+
+    def _keep_the_rest(self, error: TurnError) -> None:
+        """End on an error with the whole conversation kept: the input messages after the failed
+        turn follow it unanswered (as the history takes them), and the error says where."""
+        unanswered = len(self.history) - 1  # the user message the engine could not answer
+        rest = self.conversation.messages[self._next :]
+        self.history += [m for m in rest if m.role != "assistant" or self._keep_input_replies]
+        self.error = dataclasses.replace(error, details={**error.details, "unanswered_from": unanswered})
+        self.pending = None
 
     def result(self) -> ReplayedConversation:
         return ReplayedConversation(

@@ -70,7 +70,7 @@ def measure_with_template(workload: Workload, tokenizer: Any, cfg: RunConfig) ->
         if isinstance(tokens, int):
             accepted.append(conversation)
             replies = replies_to_generate(conversation, cfg.replay.mode)
-            longest = max(longest, tokens + replies * cfg.generation.max_new_tokens)
+            longest = max(longest, tokens + replies * max_new_tokens(conversation, cfg))
             continue
         message = f"the model's chat template refuses this conversation: {tokens}"
         workload.rejected.append(
@@ -93,9 +93,15 @@ def estimate_without_template(workload: Workload, cfg: RunConfig) -> None:
     workload.context_from = ESTIMATED_CONTEXT
 
 
+def max_new_tokens(conversation: Conversation, cfg: RunConfig) -> int:
+    """A reply's token budget: the conversation's own (an OpenAI Batch request's max_tokens), else
+    the run's generation.max_new_tokens."""
+    return conversation.settings.get("max_new_tokens", cfg.generation.max_new_tokens)
+
+
 def _estimated_length(conversation: Conversation, cfg: RunConfig) -> int:
     """A conversation's final length in tokens without a tokenizer: characters / 3 (English runs
     near 4 a token), a few tokens of template per message, max_new_tokens per reply."""
     messages = final_shape(conversation, cfg.replay.mode, fold=False)
     replies = replies_to_generate(conversation, cfg.replay.mode)
-    return sum(len(m.content) // 3 + 8 for m in messages) + replies * cfg.generation.max_new_tokens
+    return sum(len(m.content) // 3 + 8 for m in messages) + replies * max_new_tokens(conversation, cfg)

@@ -14,13 +14,17 @@ from runner.errors import ConfigError, InputError
 
 
 @pytest.mark.slow
-def test_run_returns_the_summary_and_load_run_reads_the_turns_back(write_jsonl, tmp_path, caplog):
+def test_run_returns_the_summary_and_load_run_reads_the_turns_back(
+    write_jsonl, tmp_path, caplog, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # a notebook's working directory: run_dir= puts nothing else there
     source = write_jsonl(
         [chat("a", ("user", "Name a colour."), ("user", "Another?")), chat("b", ("user", "Say hi."))]
     )
     caplog.set_level(logging.INFO, logger="runner")
     summary = runner.run([f"input.path={source}", "generation.max_new_tokens=3"], run_dir=tmp_path / "run")
     assert summary == json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert not (tmp_path / "outputs").exists()
     assert (summary["status"], summary["records"], summary["turns"]) == ("completed", 2, 3)
     log = (tmp_path / "run" / "chat-runner.log").read_text()
     assert "done: 2 conversation(s), 3 turn(s)" in log and "done: 2 conversation(s)" in caplog.text

@@ -11,10 +11,10 @@ from omegaconf import OmegaConf
 
 from runner.config.compose import to_run_config
 from runner.config.schema import RunConfig
-from runner.errors import ConfigError
 from runner.engines.pipeline import drafting_arguments
 from runner.engines.protocol import Sampling
 from runner.engines.registry import choose_engine
+from runner.errors import ConfigError
 from runner.model.arguments import transformers_arguments
 from runner.model.hardware import Hardware
 

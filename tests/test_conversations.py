@@ -243,6 +243,47 @@ def test_input_path_file_directory_and_glob(tmp_path):
         resolve_input_files(str(tmp_path / "empty"))
 
 
+def test_fifos_devices_and_directories_named_like_input_are_refused_by_name(tmp_path):
+    import os
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "ok.jsonl").write_text('{"id": 1, "turns": ["hi"]}\n')
+    os.mkfifo(folder / "fifo.jsonl")  # reading it would block until killed
+    (folder / "zero.jsonl").symlink_to("/dev/zero")  # reading it would never end
+    (folder / "sub.jsonl").mkdir()
+    with pytest.raises(InputError) as caught:
+        resolve_input_files(str(folder))
+    assert caught.value.problems == [
+        f"{folder / 'fifo.jsonl'}: not a regular file (a FIFO): input files must be regular files",
+        f"{folder / 'sub.jsonl'}: not a regular file (a directory): input files must be regular files",
+        f"{folder / 'zero.jsonl'}: not a regular file (a device, through a link to /dev/zero): input files "
+        "must be regular files",
+    ]
+    for named in (folder / "fifo.jsonl", Path("/dev/zero")):
+        with pytest.raises(InputError, match="not a regular file"):
+            resolve_input_files(str(named))
+    with pytest.raises(InputError, match=r"fifo\.jsonl: not a regular file"):
+        resolve_input_files(str(folder / "*.jsonl"))  # a glob skips the directory, not the FIFO
+    assert resolve_input_files(str(folder / "ok.jsonl")) == [folder / "ok.jsonl"]
+
+
+def test_a_rejected_id_with_a_lone_surrogate_is_written_escaped(write_jsonl, tmp_path):
+    from runner.rundir.writer import write_jsonl_atomically
+
+    path = write_jsonl([GOOD, b'{"id": "\\ud800", "messages": []}', b'{"custom_id": "r\\udfff", "body": 3}'])
+    _, rejected = read_conversations([path])
+    assert [(r.id, r.code) for r in rejected] == [
+        ("\\ud800", "lone_surrogate"),
+        ("r\\udfff", "lone_surrogate"),
+    ]
+    write_jsonl_atomically(tmp_path / "rejected.jsonl", [r.as_dict() for r in rejected])
+    assert [json.loads(line)["id"] for line in (tmp_path / "rejected.jsonl").read_text().splitlines()] == [
+        "\\ud800",
+        "r\\udfff",
+    ]
+
+
 def test_input_path_list_and_a_file_named_twice(tmp_path):
     for name in ("a.jsonl", "b.jsonl"):
         (tmp_path / name).write_text("")

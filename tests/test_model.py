@@ -88,3 +88,25 @@ def test_trust_remote_code_is_said_in_the_log(embedded_dir, caplog):
         assert not caplog.records
         load_tokenizer({**load, "trust_remote_code": True})
     assert "trust_remote_code=true: running Python code shipped with" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "truncated"])
+def test_weights_that_do_not_read_are_one_line_naming_the_file(embedded_dir, tmp_path, write_jsonl, damage):
+    from test_cli import run_cli
+
+    checkpoint = tmp_path / "broken"
+    shutil.copytree(embedded_dir, checkpoint, ignore=shutil.ignore_patterns("model.safetensors"))
+    weights = checkpoint / "model.safetensors"
+    if damage == "random bytes":
+        weights.write_bytes(os.urandom(4096))
+    else:
+        with (embedded_dir / "model.safetensors").open("rb") as whole:
+            weights.write_bytes(whole.read(1 << 20))
+    source = write_jsonl([{"id": 1, "messages": [{"role": "user", "content": "Hi"}]}])
+    done = run_cli(
+        "model=local", f"model.path={checkpoint}", f"input.path={source}", f"hydra.run.dir={tmp_path / 'run'}"
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert f"could not read the weights of '{checkpoint}' ({weights})" in last

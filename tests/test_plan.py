@@ -13,8 +13,8 @@ from runner.config.compose import to_run_config
 from runner.config.schema import QuantConfig, QuantMethod
 from runner.errors import ConfigError
 from runner.model.hardware import Hardware
-from runner.planning.plan import kv_bytes_per_token, weights_bytes
 from runner.planning.figures import architecture
+from runner.planning.plan import kv_bytes_per_token, weights_bytes
 from runner.planning.run_plan import memory_plan
 
 GB = 10**9
@@ -178,3 +178,28 @@ def test_a_run_that_cannot_fit_is_refused_before_loading_and_the_advice_works(wr
     )
     assert taken.returncode == 0, taken.stderr
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["memory_plan"]["verdict"] == "fits"
+
+
+def test_the_plan_reserves_each_requests_own_max_tokens(compose_config, write_jsonl, embedded_dir):
+    from runner.engines.chat_template import template_tokens
+    from runner.model.loading import load_tokenizer
+    from runner.replay import final_shape
+    from runner.workload import estimate_without_template, measure_with_template, read_workload
+
+    request = {"method": "POST", "url": "/v1/chat/completions"}
+    lines = [
+        {
+            "custom_id": f"r{i}",
+            **request,
+            "body": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8000},
+        }
+        for i in range(3)
+    ]
+    cfg = to_run_config(compose_config(f"input.path={write_jsonl(lines)}", "generation.max_new_tokens=256"))
+    workload = read_workload(cfg)
+    estimate_without_template(workload, cfg)
+    assert 8000 < workload.context_tokens < 8100  # not 256 + the prompt
+    tokenizer = load_tokenizer({"model": str(embedded_dir), "trust_remote_code": False})
+    measure_with_template(workload, tokenizer, cfg)
+    rendered = template_tokens(tokenizer, final_shape(workload.conversations[0], cfg.replay.mode, fold=False))
+    assert workload.context_tokens == rendered + 8000  # the rendered chat, its reply budget on top

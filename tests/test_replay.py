@@ -171,8 +171,17 @@ def test_a_turn_error_stops_that_conversation_only():
     engine = ScriptedEngine(batch_size=2)
     bad, good = replay_all([failing, WITH_REPLIES], engine, ReplayMode.regenerate, run_seed=0)
     assert bad.error.code == "context_overflow" and len(bad.turns) == 1
-    assert [m.content for m in bad.messages] == ["q1", "reply 1", "OVERFLOW q2"]
+    # The record keeps the whole conversation: the turns after the failed one follow it, unanswered.
+    assert [m.content for m in bad.messages] == ["q1", "reply 1", "OVERFLOW q2", "q3"]
+    assert bad.error.details == {"prompt_tokens": 9999, "unanswered_from": 2}
     assert good.error is None and len(good.turns) == 2
+    gold = replay_conversation(
+        conversation((U, "q1"), (A, "g1"), (U, "OVERFLOW q2"), (U, "q3"), (A, "g3")),
+        ScriptedEngine(),
+        ReplayMode.gold_history,
+        run_seed=0,
+    )
+    assert [m.content for m in gold.messages] == ["q1", "g1", "OVERFLOW q2", "q3", "g3"]
 
 
 @pytest.mark.parametrize("mode", list(ReplayMode))

@@ -79,7 +79,9 @@ def test_the_viewer_and_every_export_open_old_dirs(old_dirs, name):
         written = export(old_dirs / name, form)
         assert written and all(path.stat().st_size > 0 for path in written)
     [batch] = (old_dirs / name / "exports" / "openai-batch").glob("*.jsonl")
-    assert [line["custom_id"] for line in read_records(batch)] == ["capital", "hi", 81]
+    lines = read_records(batch)  # every input line: a result, or an error line for the rejected one
+    assert [line["custom_id"] for line in lines] == ["capital", "hi", 81, "bad"]
+    assert lines[3]["error"]["code"] == "no_messages" and lines[3]["response"] is None
     [answers] = (old_dirs / name / "exports" / "mt-bench").glob("*.jsonl")
     assert answers.name == "smollm2_135m.jsonl"
 
@@ -107,6 +109,16 @@ def test_a_torn_last_line_is_left_out_and_a_torn_middle_line_named(tmp_path):
     (chats / "in.jsonl").write_text(whole[:20] + "\n" + whole + "\n")
     with pytest.raises(RunnerError, match=r"in.jsonl:1: not a whole JSON record"):
         Run.open(tmp_path).records  # noqa: B018
+
+
+def test_load_run_reads_a_run_killed_before_its_summary(old_dirs):
+    killed = old_dirs / "run"
+    (killed / "summary.json").unlink()  # kill -9: chats and manifest, no summary
+    chats = killed / "chats" / "in.jsonl"
+    chats.write_bytes(chats.read_bytes() + b'{"id": "torn", "mess')
+    run = runner.load_run(killed)
+    assert run.summary is None and [r["id"] for r in run.records] == ["capital", "hi", 81]
+    assert len(run.turns()) == 5 and run.config["shard"] == {"index": 0, "count": 1}
 
 
 def test_sweep_jobs_come_in_job_order(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import stat
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -49,21 +50,45 @@ def resolve_input_files(paths: str | Sequence[str]) -> list[Path]:
 
 
 def _matching_files(path: str) -> list[Path]:
+    """The regular files `path` names. A FIFO, a device (a link to /dev/zero) or a directory where
+    a file is expected is refused, naming it: reading one would hang, spin or fail mid-run."""
     candidate = Path(path).expanduser()
     if candidate.is_dir():
         files = sorted(candidate.glob("*.jsonl"))
         where = f"directory {candidate} has no *.jsonl files"
-    elif candidate.is_file():
+    elif candidate.exists() and not glob.has_magic(path):
         files = [candidate]
         where = ""
-    elif glob.has_magic(path):
-        files = sorted(Path(p) for p in glob.glob(str(candidate), recursive=True) if Path(p).is_file())
+    elif glob.has_magic(path):  # directories a recursive glob passes through are no matches
+        files = sorted(Path(p) for p in glob.glob(str(candidate), recursive=True) if not Path(p).is_dir())
         where = f"glob {path!r} matches no files"
     else:
         raise InputError([f"{path}: no such file or directory (set input.path=<file, dir or glob>)"])
     if not files:
         raise InputError([f"{where} (set input.path=<file, dir or glob>)"])
+    irregular = [
+        f"{file}: not a regular file ({_kind(file)}): input files must be regular files"
+        for file in files
+        if not file.is_file()
+    ]
+    if irregular:
+        raise InputError(irregular)
     return files
+
+
+def _kind(path: Path) -> str:
+    """What a path that is not a regular file is, as `ls -l` would tell."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        return f"a broken link: {error.strerror}" if path.is_symlink() else error.strerror or str(error)
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device" + (f", through a link to {path.resolve()}" if path.is_symlink() else "")
+    return "a socket" if stat.S_ISSOCK(mode) else "not a file"
 
 
 def load_conversations(
@@ -111,13 +136,17 @@ def read_conversations(
 
 
 def _id_of(raw: bytes) -> str | int | None:
-    """The id of a rejected line, when it can still be read."""
+    """The id (or an OpenAI Batch request's custom_id) of a rejected line, when it can still be read;
+    a lone surrogate in it is written as its escape (\\ud800), which UTF-8 can hold."""
     try:
         record = json.loads(raw)
     except (ValueError, RecursionError):
         return None
-    value = record.get("id", record.get("question_id")) if isinstance(record, dict) else None
-    return value if isinstance(value, str | int) and not isinstance(value, bool) else None
+    keys = ("id", "question_id", "custom_id")
+    value = next((record[key] for key in keys if key in record), None) if isinstance(record, dict) else None
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _numbered_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, bytes, tuple[int, str] | None]]:

@@ -4,7 +4,10 @@ around it, and a draft model for speculative decoding."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
+
+from safetensors import SafetensorError
 
 from runner.config.schema import RunConfig
 from runner.errors import ConfigError, ModelLoadError
@@ -53,8 +56,8 @@ def load_pipeline(load: dict[str, Any], pipeline_class: type, tokenizer: Any) ->
         # A copy: pipeline() writes device_map into the model_kwargs it is given.
         own = {**load, "model_kwargs": dict(load["model_kwargs"])} if "model_kwargs" in load else load
         pipe = pipeline(**own, tokenizer=tokenizer, pipeline_class=pipeline_class)
-    except (OSError, ImportError) as error:
-        raise ModelLoadError(f"could not load model {load['model']!r}: {error}") from error
+    except (OSError, ImportError, SafetensorError) as error:
+        raise _load_error(load, error) from error
     if pipe.model.generation_config.pad_token_id is None:
         pipe.model.generation_config.pad_token_id = tokenizer.pad_token_id
     return pipe
@@ -87,6 +90,16 @@ def load_causal_lm(load: dict[str, Any]) -> Any:
             device_map=load["device_map"],
             **load.get("model_kwargs", {}),
         )
-    except (OSError, ImportError) as error:
-        raise ModelLoadError(f"could not load model {load['model']!r}: {error}") from error
+    except (OSError, ImportError, SafetensorError) as error:
+        raise _load_error(load, error) from error
     return model.eval()
+
+
+def _load_error(load: dict[str, Any], error: Exception) -> ModelLoadError:
+    """One line naming the model, and for weights that do not read (random bytes, a truncated
+    copy), the weights files of its checkpoint directory."""
+    if isinstance(error, SafetensorError):
+        files = sorted(Path(load["model"]).glob("*.safetensors"))
+        named = ", ".join(str(path) for path in files) or load["model"]
+        return ModelLoadError(f"could not read the weights of {load['model']!r} ({named}): {error}")
+    return ModelLoadError(f"could not load model {load['model']!r}: {error}")

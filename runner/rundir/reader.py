@@ -8,6 +8,7 @@ off; anything else that is not a whole JSON record is an error naming the file a
 
 from __future__ import annotations
 
+import hashlib
 import json
 from functools import cached_property
 from pathlib import Path
@@ -15,7 +16,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from runner.config.schema import InputFormat
 from runner.errors import RunnerError
+from runner.inputs.conversation import Conversation
+from runner.inputs.reader import MAX_LINE_BYTES, read_conversations
 from runner.rundir.layout import MANIFEST, REJECTED, SUMMARY
 from runner.rundir.summary import Summary
 
@@ -76,6 +80,17 @@ class Run:
         return Summary.read(path) if path.is_file() else None
 
     @property
+    def status(self) -> str:
+        """summary.json's status (completed, interrupted, failed, merged), or "unfinished" while the
+        run has written none (it is still running, or was killed before it could)."""
+        return self.summary.status if self.summary is not None else "unfinished"
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run replayed all it was to: it completed, or it is a merge of completed shards."""
+        return self.status in ("completed", "merged")
+
+    @property
     def model_name(self) -> str | None:
         """The model's preset name, from the summary or (a merged run) the config."""
         if self.summary is not None and self.summary.model is not None and self.summary.model.name:
@@ -107,6 +122,28 @@ class Run:
         """The text of .hydra/<name>.yaml, or None."""
         path = self.path / ".hydra" / f"{name}.yaml"
         return path.read_text(encoding="utf-8") if path.is_file() else None
+
+    def input_conversations(self, form: InputFormat | None = None) -> list[Conversation] | None:
+        """The valid conversations of the inputs the manifest names (every shard's), read and checked
+        again as the run read them (in its input.format, or `form`); None when that cannot be known:
+        no manifest, or an input not found from here (paths are as the run was given them) or
+        changed since it ran (its sha256 is not the manifest's)."""
+        if self.manifest is None:
+            return None
+        files = []
+        try:
+            for entry in self.manifest.get("inputs", []):
+                path = Path(entry["path"])
+                with path.open("rb") as stream:
+                    if hashlib.file_digest(stream, "sha256").hexdigest() != entry["sha256"]:
+                        return None
+                files.append(path)
+            settings = self.config.get("input") or {}
+            form = form or InputFormat(settings.get("format", InputFormat.auto.value))
+            conversations, _ = read_conversations(files, form, settings.get("max_line_bytes", MAX_LINE_BYTES))
+        except (OSError, KeyError, TypeError, ValueError):  # gone, unreadable, or a manifest of another shape
+            return None
+        return conversations
 
     def user_overrides(self) -> list[str]:
         """The command-line overrides (none without .hydra/, e.g. a merged run), less the

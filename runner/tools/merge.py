@@ -11,7 +11,9 @@ have written it, plus the union of rejected lines, a manifest and a summary.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import shutil
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -48,6 +50,12 @@ class Shard:
             if not (path / name).is_file():
                 raise RunnerError(f"{path / name} is missing: is {path} a run dir of a finished shard?")
         assert run.manifest is not None and run.summary is not None
+        try:
+            for key in ("index", "count"):
+                int(run.manifest["config"]["shard"][key])
+            list(run.manifest["inputs"])
+        except (KeyError, TypeError, ValueError):
+            raise RunnerError(f"{path / MANIFEST}: not a run manifest (no config.shard or inputs)") from None
         return cls(path, run.manifest, run.summary)
 
     @property
@@ -59,6 +67,8 @@ def merge(shard_dirs: list[Path], out: Path) -> Summary:
     """Check that the shards make one whole replay, then write it to `out`; return its summary."""
     shards = [Shard.read(path) for path in shard_dirs]
     _check_shards(shards)
+    if out.exists() and not out.is_dir():
+        raise RunnerError(f"{out}: exists and is not a directory: merge into a new directory")
     if out.exists() and any(out.iterdir()):
         raise RunnerError(f"{out} is not empty: merge into a new directory")
     files, conversations = _validated_input(shards[0])
@@ -73,21 +83,44 @@ def merge(shard_dirs: list[Path], out: Path) -> Summary:
             shown.append(f"... and {len(problems) - SHOWN_PROBLEMS} more")
         raise RunnerError("cannot merge:\n  " + "\n  ".join(shown))
 
-    (out / "chats").mkdir(parents=True, exist_ok=True)
-    for name, records in by_file.items():
+    for records in by_file.values():
         records.sort(key=lambda record: (record["replay"]["line"], record["replay"]["sample"]))
-        write_jsonl_atomically(out / name, records)
     rejected = {
         (reject["file"], reject["line"]): reject for shard in shards for reject in _rejects(shard.path)
     }
-    if rejected:
-        write_jsonl_atomically(out / REJECTED, [rejected[key] for key in sorted(rejected)])
+    summary = _merged_summary(shards, by_file, list(rejected.values()))
     manifest = shards[0].manifest
     config = {**manifest["config"], "shard": {"index": 0, "count": 1}}
-    write_json_atomically(out / MANIFEST, {"config": config, "inputs": manifest["inputs"]})
-    summary = _merged_summary(shards, by_file, list(rejected.values()))
-    write_json_atomically(out / SUMMARY, summary.to_json())
+    made = [path for path in (out, *out.parents) if not path.exists()]
+    try:
+        (out / "chats").mkdir(parents=True, exist_ok=True)
+        for name, records in by_file.items():
+            write_jsonl_atomically(out / name, records)
+        if rejected:
+            write_jsonl_atomically(out / REJECTED, [rejected[key] for key in sorted(rejected)])
+        write_json_atomically(out / MANIFEST, {"config": config, "inputs": manifest["inputs"]})
+        write_json_atomically(out / SUMMARY, summary.to_json())
+    except (OSError, RunnerError) as error:
+        _remove_written(out, made)
+        if isinstance(error, RunnerError):
+            raise
+        raise RunnerError(f"{error.filename or out}: {error.strerror or error}") from None
     return summary
+
+
+def _remove_written(out: Path, made: list[Path]) -> None:
+    """Leave no half-merged run: what this merge wrote into `out` (which was empty), and the
+    directories it made."""
+    if out.is_dir():
+        for path in out.iterdir():
+            with contextlib.suppress(OSError):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+    for directory in made:  # innermost first
+        with contextlib.suppress(OSError):
+            directory.rmdir()
 
 
 def _merged_summary(

@@ -77,9 +77,9 @@ def write_report(sweep_dir: Path) -> list[dict[str, Any]]:
     with (sweep_dir / "report.csv").open("w", newline="", encoding="utf-8") as stream:
         writer = csv.DictWriter(stream, fieldnames=COLUMNS)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({key: spreadsheet_safe(value) for key, value in row.items()} for row in rows)
     lines = [
-        f"# Sweep report: {sweep_dir}",
+        f"# Sweep report: {_cell(sweep_dir)}",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
@@ -94,7 +94,22 @@ def write_report(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def _cell(value: Any) -> str:
-    return "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
+    """A Markdown table cell that shows its text as text: no HTML (an input path or an override may
+    hold `<img onerror=...>`), no column break, no line break."""
+    text = "" if value is None else str(value)
+    for character, escape in (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ("|", "\\|")):
+        text = text.replace(character, escape)
+    return text.replace("\r", " ").replace("\n", " ")
+
+
+# A cell a spreadsheet reads as a formula (or as one after a tab or CR): `=HYPERLINK(...)`.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A CSV cell that no spreadsheet runs: text starting like a formula gets a leading `'` (OWASP's
+    advice for CSV injection); other values are left as they are."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
 def job_labels(rows: list[dict[str, Any]]) -> list[str]:
