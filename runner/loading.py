@@ -79,9 +79,8 @@ def load_engine(cfg: RunConfig, workload: Workload) -> LoadedEngine:
     measure_with_template(workload, tokenizer, cfg)
     plan = check_memory(cfg, setup, workload)
     log.info("loading %s (%s) for engine=%s", cfg.model.name, setup.location, setup.choice.kind.value)
-    engine = build_engine(
-        cfg, setup.choice.kind, EngineSetup(setup.hardware, setup.arguments, tokenizer, plan.batch_rows)
-    )
+    ready = EngineSetup(setup.hardware, setup.arguments, tokenizer, plan.batch_rows, setup.architecture)
+    engine = build_engine(cfg, setup.choice.kind, ready)
     loaded = LoadedEngine(
         engine, setup, plan, time.perf_counter() - started, engine.describe(), engine.batch_size
     )

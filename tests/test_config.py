@@ -47,7 +47,7 @@ def test_groups_offer_the_required_options():
     assert options["quant"] == {"none", "int8", "int4"}
     assert options["device"] == {"auto", "cpu", "cuda"}
     assert options["generation"] == {"greedy", "sampling"}
-    assert options["engine"] == {"continuous", "pipeline"}
+    assert options["engine"] == {"continuous", "pipeline", "vllm"}
 
 
 def test_default_config(compose_config):

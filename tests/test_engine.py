@@ -327,7 +327,10 @@ def test_context_overflow_ends_that_conversation_with_an_error(smol_pipeline, sm
     ]
     engine = continuous(smol_model, smol_pipeline, 4, max_new_tokens=8)
     overflowed, fine = replay_all(conversations, engine, ReplayMode.regenerate, run_seed=0)
-    assert len(overflowed.turns) == 1 and overflowed.messages[-1].content == long_turn
+    assert len(overflowed.turns) == 1
+    # The whole conversation is kept: the failed turn, then the one it never reached.
+    assert [m.content for m in overflowed.messages[2:]] == [long_turn, "Bye"]
+    assert overflowed.error.details["unanswered_from"] == 2
     assert overflowed.error.code == "context_overflow"
     assert overflowed.error.details["context_tokens"] == 8192
     assert (

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from runner.config.presets import CONF_DIR
-from runner.config.schema import RunConfig
+from runner.config.schema import ENGINE_SCHEMAS, RunConfig
 from runner.config.secrets import refuse_secrets
 from runner.errors import ConfigError
 
@@ -24,7 +24,9 @@ def config_keys(schema: type | None = None, prefix: str = "") -> dict[str, bool]
         key, kind = f"{prefix}{item.name}", hints[item.name]
         if dataclasses.is_dataclass(kind):
             keys[key] = False
-            keys.update(config_keys(kind, f"{key}."))
+            # An engine's own schema adds keys that only its YAML composes (engine=vllm's).
+            for variant in (kind, *(s for s in ENGINE_SCHEMAS.values() if issubclass(s, kind))):
+                keys.update(config_keys(variant, f"{key}."))
         else:
             keys[key] = kind is Any or typing.get_origin(kind) is dict
     return keys

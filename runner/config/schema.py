@@ -50,6 +50,12 @@ class EngineKind(Enum):
     # Each value names its module, runner/engines/<value>.py, which builds the engine.
     continuous = "continuous"  # step-level batching over KV-cache slots, turns joining at any step
     pipeline = "pipeline"  # TextGenerationPipeline, one turn per call (the reference engine)
+    vllm = "vllm"  # vLLM's engine through its step API (GPUs, tensor/pipeline parallel, clusters)
+
+
+class ExecutorBackend(Enum):
+    mp = "mp"  # one node: a process per GPU
+    ray = "ray"  # several nodes: a Ray cluster the user starts
 
 
 class InputFormat(Enum):
@@ -216,6 +222,30 @@ class EngineConfig:
 
 
 @dataclass
+class VllmEngineConfig(EngineConfig):
+    """engine=vllm: vLLM's own settings beside batch_size (its max running sequences)."""
+
+    tensor_parallel_size: int = 1  # GPUs each layer is split over (a node's GPUs)
+    pipeline_parallel_size: int = 1  # stages the layers are split into (nodes, with ray)
+    gpu_memory_utilization: float = 0.9  # the share of each GPU vLLM takes for weights and KV cache
+    max_model_len: int | None = None  # context per sequence (None: the model's); longer prompts fail
+    enforce_eager: bool = False  # no CUDA graphs
+    distributed_executor_backend: ExecutorBackend = ExecutorBackend.mp
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks = [
+            (self.tensor_parallel_size >= 1, "engine.tensor_parallel_size must be >= 1"),
+            (self.pipeline_parallel_size >= 1, "engine.pipeline_parallel_size must be >= 1"),
+            (0 < self.gpu_memory_utilization <= 1, "engine.gpu_memory_utilization must be in (0, 1]"),
+            (self.max_model_len is None or self.max_model_len >= 1, "engine.max_model_len must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+@dataclass
 class InputConfig:
     path: Any = MISSING  # a file, directory or glob, or a list of them
     format: InputFormat = InputFormat.auto
@@ -280,6 +310,10 @@ GROUP_SCHEMAS = {
 }
 
 
+# Engines with settings of their own: their YAML starts from `<engine>_engine_schema`.
+ENGINE_SCHEMAS = {"vllm": VllmEngineConfig}
+
+
 def register_configs() -> None:
     """Store the schemas so that conf/ YAMLs can name them in their defaults lists
     (`- /model_schema@_here_`). They are stored outside the groups, so that `--help` and a
@@ -288,6 +322,8 @@ def register_configs() -> None:
     store.store(name="config_schema", node=RunConfig)
     for group, schema in GROUP_SCHEMAS.items():
         store.store(name=f"{group}_schema", node=schema)
+    for engine, schema in ENGINE_SCHEMAS.items():
+        store.store(name=f"{engine}_engine_schema", node=schema)
 
 
 def config_record(cfg: RunConfig) -> dict[str, Any]:

@@ -20,18 +20,17 @@ def stop_token_ids(generation_config: Any) -> frozenset[int]:
     return frozenset([eos] if isinstance(eos, int) else eos)
 
 
-class ChatModel:
-    """A loaded causal LM and its tokenizer, seen as a chat model."""
+class ChatTokenizer:
+    """A model's tokenizer and chat template, seen from a chat: prompts as token ids, stop ids, the
+    context check and the reply's text. Engines that hold the model elsewhere (vLLM) start here."""
 
-    def __init__(self, model: Any, tokenizer: Any):
-        self.model, self.tokenizer = model, tokenizer
-        self.stop_ids = stop_token_ids(model.generation_config)
+    def __init__(self, tokenizer: Any, stop_ids: frozenset[int], context_tokens: int | None):
+        self.tokenizer, self.stop_ids, self.context_tokens = tokenizer, stop_ids, context_tokens
         template = tokenizer.chat_template
         if not template:
             raise ValueError("the tokenizer has no chat template")
         self.chat_template_sha256 = hashlib.sha256(template.encode()).hexdigest()
         self.supports_system_role = template_supports_system_role(tokenizer)
-        self.context_tokens = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         # Text that the tokenizer turns into control tokens: in user content it could forge a turn.
         self.control_strings = sorted(
             {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
@@ -81,6 +80,15 @@ class ChatModel:
             first_token_seconds=first,
             control_tokens_in_content=self.control_tokens_in(request.messages),
         )
+
+
+class ChatModel(ChatTokenizer):
+    """A loaded causal LM and its tokenizer, seen as a chat model."""
+
+    def __init__(self, model: Any, tokenizer: Any):
+        context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        super().__init__(tokenizer, stop_token_ids(model.generation_config), context)
+        self.model = model
 
     def describe(self) -> dict[str, Any]:
         """Where the weights live and what they weigh, for summary.json."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from runner.config.schema import DeviceKind, EngineKind, GenerationConfig, RunConfig
+from runner.config.schema import ArchitectureConfig, DeviceKind, EngineKind, GenerationConfig, RunConfig
 from runner.engines.protocol import SAMPLING_KNOBS, Capabilities, Engine
 from runner.errors import ConfigError
 from runner.model.hardware import Hardware
@@ -32,13 +32,14 @@ class EngineChoice:
 @dataclass(frozen=True)
 class EngineSetup:
     """What the app has ready before any engine exists: the machine, the translated load arguments,
-    the tokenizer (the chat template already checked every conversation), and the batch the memory
-    plan allows."""
+    the tokenizer (the chat template already checked every conversation), the batch the memory
+    plan allows, and the model's architecture figures."""
 
     hardware: Hardware
     arguments: Any  # runner.model.arguments.TransformersArguments
     tokenizer: Any
     batch_rows: int
+    architecture: ArchitectureConfig | None = None
 
 
 def engine_module(kind: EngineKind) -> ModuleType:

@@ -29,6 +29,7 @@ class Hardware:
     cuda_bf16: bool = False
     cuda_free: tuple[int, ...] = ()  # free bytes of each GPU
     cpu_free: int = 0  # available RAM in bytes
+    cpu_total: int = 0  # all RAM in bytes
 
 
 def granted_cpus() -> tuple[int, str]:
@@ -50,15 +51,16 @@ def use_granted_cpus() -> int:
 
 
 def detect_hardware() -> Hardware:
-    cpu_free = psutil.virtual_memory().available
+    memory = psutil.virtual_memory()
     if not torch.cuda.is_available():
-        return Hardware(cpu_free=cpu_free)
+        return Hardware(cpu_free=memory.available, cpu_total=memory.total)
     count = torch.cuda.device_count()
     return Hardware(
         cuda_devices=count,
         cuda_bf16=torch.cuda.is_bf16_supported(),
         cuda_free=tuple(torch.cuda.mem_get_info(index)[0] for index in range(count)),
-        cpu_free=cpu_free,
+        cpu_free=memory.available,
+        cpu_total=memory.total,
     )
 
 

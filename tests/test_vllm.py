@@ -1,0 +1,362 @@
+"""engine=vllm: the configs compose into exactly vLLM's engine and sampling arguments (no vLLM
+needed), and, where vLLM is installed (its CPU build in .venv-vllm), the real engine replays
+conversations turn by turn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from runner.config.compose import to_run_config
+from runner.config.schema import VllmEngineConfig
+from runner.engines.protocol import Sampling
+from runner.engines.registry import choose_engine
+from runner.engines.vllm import engine_arguments, sampling_parameters
+from runner.errors import ConfigError
+from runner.model.arguments import transformers_arguments
+from runner.model.hardware import Hardware
+
+GPU_NODE = Hardware(cuda_devices=8, cuda_bf16=True)
+
+
+def vllm_arguments(compose_config, *overrides: str, rows: int = 64) -> dict:
+    cfg = to_run_config(compose_config("engine=vllm", *overrides))
+    return engine_arguments(cfg, transformers_arguments(cfg, GPU_NODE, Path("/ckpt")).load, rows)
+
+
+def test_llama3_70b_at_tensor_parallel_4(compose_config):
+    import torch
+
+    cfg = to_run_config(compose_config("engine=vllm", "model=llama3_70b", "engine.tensor_parallel_size=4"))
+    assert isinstance(cfg.engine, VllmEngineConfig)
+    assert choose_engine(cfg, GPU_NODE).batch_size == 64
+    assert transformers_arguments(cfg, GPU_NODE).load["dtype"] == torch.bfloat16
+    assert vllm_arguments(compose_config, "model=llama3_70b", "engine.tensor_parallel_size=4") == {
+        "model": "meta-llama/Meta-Llama-3-70B-Instruct",
+        "revision": "main",
+        "tokenizer": "meta-llama/Meta-Llama-3-70B-Instruct",
+        "trust_remote_code": False,
+        "dtype": "bfloat16",
+        "max_num_seqs": 64,
+        "max_num_batched_tokens": 8192,
+        "tensor_parallel_size": 4,
+        "pipeline_parallel_size": 1,
+        "gpu_memory_utilization": 0.9,
+        "max_model_len": None,
+        "enforce_eager": False,
+        "distributed_executor_backend": "mp",
+        "enable_prefix_caching": True,
+        "seed": 0,
+    }
+
+
+def test_llama3_70b_over_two_nodes_tensor_8_pipeline_2_with_ray(compose_config):
+    arguments = vllm_arguments(
+        compose_config,
+        "model=llama3_70b",
+        "quant=int4",
+        "engine.tensor_parallel_size=8",
+        "engine.pipeline_parallel_size=2",
+        "engine.distributed_executor_backend=ray",
+        "engine.max_model_len=8192",
+        "engine.gpu_memory_utilization=0.85",
+        "engine.batch_size=256",
+        rows=256,
+    )
+    expected = {
+        "tensor_parallel_size": 8,
+        "pipeline_parallel_size": 2,
+        "distributed_executor_backend": "ray",
+        "max_model_len": 8192,
+        "gpu_memory_utilization": 0.85,
+        "max_num_seqs": 256,
+        "quantization": "bitsandbytes",
+    }
+    assert {key: arguments[key] for key in expected} == expected
+
+
+def test_prompt_lookup_is_vllms_ngram_speculation_batched(compose_config):
+    cfg = to_run_config(compose_config("engine=vllm", "generation.prompt_lookup_num_tokens=4"))
+    assert choose_engine(cfg, GPU_NODE).kind.value == "vllm"  # no fall back to batch 1
+    assert vllm_arguments(compose_config, "generation.prompt_lookup_num_tokens=4")["speculative_config"] == {
+        "method": "ngram",
+        "num_speculative_tokens": 4,
+        "prompt_lookup_max": 4,
+        "prompt_lookup_min": 1,
+    }
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["quant=int8"], "use quant=int4 .* or quant=none"),
+        (["+device.max_memory={0:70GiB}"], "set engine.gpu_memory_utilization"),
+        (["generation.assistant_model=smollm2_135m"], "runs with engine=pipeline"),
+    ],
+)
+def test_what_vllm_cannot_do_is_one_config_error(compose_config, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        vllm_arguments(compose_config, *overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["engine.tensor_parallel_size=0"], "tensor_parallel_size must be >= 1"),
+        (["engine.gpu_memory_utilization=1.5"], r"gpu_memory_utilization must be in \(0, 1\]"),
+    ],
+)
+def test_vllm_settings_are_checked_when_composed(compose_config, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        to_run_config(compose_config("engine=vllm", *overrides))
+
+
+def test_vllm_keys_belong_to_engine_vllm_only(compose_config):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        compose_config("engine.tensor_parallel_size=2")  # engine=continuous has no such key
+
+
+def test_each_turn_samples_from_its_own_seed_and_greedy_is_temperature_0():
+    greedy = sampling_parameters(Sampling(8, stop=("\n\n",)), seed=7, stop_ids=frozenset({2, 0}))
+    assert greedy == {
+        "max_tokens": 8,
+        "min_tokens": 0,
+        "repetition_penalty": 1.0,
+        "stop_token_ids": [0, 2],
+        "stop": ["\n\n"],
+        "skip_special_tokens": True,
+        "temperature": 0.0,
+    }
+    sampled = sampling_parameters(
+        Sampling(8, do_sample=True, temperature=0.7, top_k=5, top_p=0.9), 7, frozenset()
+    )
+    assert {k: sampled[k] for k in ("temperature", "top_k", "top_p", "seed", "stop")} == {
+        "temperature": 0.7,
+        "top_k": 5,
+        "top_p": 0.9,
+        "seed": 7,
+        "stop": None,
+    }
+
+
+# -- the real engine: vLLM's CPU build on the embedded model, one engine for the module -----------
+
+try:
+    import vllm
+
+    HAVE_VLLM = True
+except ImportError:
+    HAVE_VLLM = False
+
+needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed here (scripts/setup_vllm.sh)")
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(embedded_dir):
+    """engine=vllm over the embedded model in fp32 on CPU, 8 sequences at most, built as a run builds it."""
+    from hydra import compose, initialize
+
+    from runner.loading import load_engine
+    from runner.workload import Workload
+
+    with initialize(version_base="1.3", config_path="../conf"):
+        cfg = to_run_config(
+            compose(
+                config_name="config",
+                overrides=[
+                    "engine=vllm",
+                    "engine.batch_size=8",
+                    "generation.max_new_tokens=16",
+                    "device=cpu",
+                ],
+            )
+        )
+    from test_engine import DOZEN
+
+    return load_engine(cfg, Workload([], list(DOZEN), [])).engine
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@needs_vllm
+def test_turns_replay_with_their_own_history_and_prefix_caching_finds_it(vllm_engine):
+    from test_engine import DOZEN
+
+    from runner.config.schema import ReplayMode
+    from runner.replay import replay_all
+
+    results = list(replay_all(DOZEN[:4], vllm_engine, ReplayMode.regenerate, run_seed=0))
+    assert [len(result.turns) for result in results] == [2, 2, 3, 1]
+    for result in results[:3]:
+        assert all(turn.new_tokens > 0 for turn in result.turns)
+        # The second prompt holds the model's own first reply, rendered by the runner.
+        first, second = result.turns[:2]
+        assert second.prompt_tokens > first.prompt_tokens + first.new_tokens
+    cache = vllm_engine.counters().cache
+    assert cache.cached_tokens > 0 and 0 < cache.hit_rate < 1
+    described = vllm_engine.describe()
+    assert described["engine_version"] == vllm.__version__ and described["dtype"] == "float32"
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@needs_vllm
+def test_greedy_replies_mostly_equal_the_continuous_engines(vllm_engine, smol_model, smol_pipeline, capsys):
+    from test_engine import DOZEN, continuous, replay_texts
+
+    expected = replay_texts(continuous(smol_model, smol_pipeline, 5, max_new_tokens=16), DOZEN)
+    got = replay_texts(vllm_engine, DOZEN)
+    pairs = [
+        (a, b) for mine, theirs in zip(got, expected, strict=True) for a, b in zip(mine, theirs, strict=True)
+    ]
+    equal = sum(a == b for a, b in pairs)
+    with capsys.disabled():
+        print(f"\nvllm: {equal}/{len(pairs)} messages equal engine=continuous's")
+    assert equal >= 0.8 * len(pairs)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@needs_vllm
+def test_each_request_keeps_its_own_max_tokens_stop_strings_and_context_check(vllm_engine):
+    from test_engine import QUESTION, run_requests
+
+    from runner.engines.protocol import Request
+    from runner.inputs.conversation import Message
+
+    short, stopped, overflowing = run_requests(
+        vllm_engine,
+        [
+            Request(QUESTION, 0, stream=0, sampling=Sampling(3)),
+            Request(QUESTION, 0, stream=1, sampling=Sampling(16, stop=("Paris",))),
+            Request((Message("user", "word " * 9000),), 0, stream=2, sampling=Sampling(8)),
+        ],
+    )
+    assert (short.new_tokens, short.finish_reason) == (3, "length")
+    assert "Paris" not in stopped.text and stopped.finish_reason == "stop"
+    assert overflowing.code == "context_overflow"  # refused before it reached vLLM
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@needs_vllm
+def test_a_seeded_sample_is_the_same_alone_and_among_eight(vllm_engine):
+    from test_engine import DOZEN, run_requests
+
+    from runner.engines.protocol import Request
+
+    sampling = Sampling(12, do_sample=True, temperature=0.9, top_k=40)
+    questions = [next(m for m in c.messages if m.role == "user") for c in DOZEN[:8]]
+    requests = [
+        Request((question,), 100 + i, stream=i, sampling=sampling) for i, question in enumerate(questions)
+    ]
+    together = [reply.text for reply in run_requests(vllm_engine, requests)]
+    alone = [run_requests(vllm_engine, [request])[0].text for request in requests[:3]]
+    assert alone == together[:3]
+    assert len(set(together)) > 1
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@needs_vllm
+def test_a_sweep_over_continuous_and_vllm_writes_the_same_greedy_records_and_exports(write_jsonl, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from test_cli import PROJECT, read_jsonl
+
+    from runner.rundir.reader import Run
+    from runner.tools.export import export
+
+    source = write_jsonl(
+        [
+            {"question_id": 81, "turns": ["Name a colour.", "Name another one."]},
+            {
+                "custom_id": "r1",
+                "body": {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 3},
+            },
+        ],
+        name="mixed.jsonl",
+    )
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "runner", "-m", "engine=continuous,vllm", f"input.path={source}"),
+            *("generation.max_new_tokens=8", "device=cpu", f"hydra.sweep.dir={tmp_path / 'sweep'}"),
+        ],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    continuous_job, vllm_job = sorted(p for p in (tmp_path / "sweep").iterdir() if (p / ".hydra").is_dir())
+    summary = json.loads((vllm_job / "summary.json").read_text())
+    assert (summary["engine"], summary["engine_version"], summary["status"]) == (
+        "vllm",
+        vllm.__version__,
+        "completed",
+    )
+    assert summary["cache"]["prompt_tokens"] > 0 and summary["records"] == 2
+    mine, theirs = (
+        read_jsonl(vllm_job / "chats" / "mixed.jsonl"),
+        read_jsonl(continuous_job / "chats" / "mixed.jsonl"),
+    )
+    assert [r["messages"] for r in mine] == [r["messages"] for r in theirs]
+    assert mine[1]["replay"]["turns"][0]["new_tokens"] <= 3  # the request's own max_tokens
+    assert Run.open(vllm_job).summary.engine == "vllm"
+    [results] = export(vllm_job, "openai-batch")
+    assert [json.loads(line)["custom_id"] for line in results.read_text().splitlines()] == [81, "r1"]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@needs_vllm
+def test_kill_9_mid_run_then_resume_keeps_every_record_once_in_order(write_jsonl, tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_cli import PROJECT, read_jsonl
+
+    questions = [
+        {"id": f"q{i}", "messages": [{"role": "user", "content": f"Count to {i}."}]} for i in range(24)
+    ]
+    source = write_jsonl(questions, name="many.jsonl")
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "runner", "engine=vllm", "engine.batch_size=2", f"input.path={source}"]
+    command += ["generation.max_new_tokens=24", "device=cpu", f"hydra.run.dir={run_dir}"]
+    chats = run_dir / "chats" / "many.jsonl"
+    started = subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and not (chats.exists() and chats.read_bytes().count(b"\n") >= 3):
+        time.sleep(0.2)
+    os.kill(started.pid, signal.SIGKILL)
+    started.wait()
+    kept = [json.loads(line) for line in chats.read_bytes().split(b"\n")[:-1]]  # whole lines
+    assert 3 <= len(kept) < len(questions)
+    resumed = subprocess.run(
+        [*command, "resume=true"], cwd=PROJECT, capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    records = read_jsonl(chats)
+    assert [r["id"] for r in records] == [q["id"] for q in questions]
+    assert records[: len(kept)] == kept  # what was written before the kill, byte for byte
+
+
+@pytest.mark.parametrize(("tensor", "gpus"), [("4", 4), ("8", 8)])
+def test_the_slurm_node_preset_gives_vllm_every_gpu_of_the_job(tensor, gpus):
+    from hydra import compose, initialize
+
+    overrides = ["hydra/launcher=slurm_vllm_node", "engine=vllm", f"engine.tensor_parallel_size={tensor}"]
+    with initialize(version_base="1.3", config_path="../conf"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.chat_runner_launcher.ResumingSlurmLauncher"
+    assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.max_num_timeout) == (gpus, 1, 5)
