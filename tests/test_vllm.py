@@ -360,3 +360,24 @@ def test_the_slurm_node_preset_gives_vllm_every_gpu_of_the_job(tensor, gpus):
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.chat_runner_launcher.ResumingSlurmLauncher"
     assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.max_num_timeout) == (gpus, 1, 5)
+
+
+def test_the_memory_plan_counts_what_vllm_reserves(compose_config):
+    from runner.planning.run_plan import memory_plan
+
+    def plan(*overrides):
+        cfg = to_run_config(compose_config("model=llama3_8b", *overrides))
+        gpu = Hardware(cuda_devices=1, cuda_bf16=True, cuda_free=(80 * 10**9,))
+        return memory_plan(cfg, gpu, cfg.model.architecture, 32, 8192, "test")
+
+    continuous, vllm_default, vllm_half = (
+        plan(),
+        plan("engine=vllm"),
+        plan("engine=vllm", "engine.gpu_memory_utilization=0.25"),
+    )
+    assert (continuous.usable_fraction, vllm_default.usable_fraction) == (0.9, 0.9)
+    assert vllm_half.usable_fraction == 0.25 and "(25% of cuda:0 80.0 GB free)" in "\n".join(
+        vllm_half.lines()
+    )
+    # 16 GB of bf16 weights + 32 rows x 8192 tokens of KV (~34 GB) fit in 72 GB, not in 20 GB.
+    assert (vllm_default.verdict, vllm_half.verdict) == ("fits", "does_not_fit")

@@ -58,6 +58,7 @@ class MemoryPlan:
     verdict: str  # fits | fits_with_offload | does_not_fit
     advice: str | None
     fitting_batch: int | None  # the largest smaller batch that fits, if the batch is what does not
+    usable_fraction: float = USABLE_FRACTION  # of the devices' free memory, for weights and KV cache
 
     @property
     def fits(self) -> bool:
@@ -80,7 +81,8 @@ class MemoryPlan:
             lines.append(f"  draft model     {gb(self.draft_bytes):>10}  (generation.assistant_model)")
         lines += [
             f"  total           {gb(self.total_bytes):>10}",
-            f"  available       {gb(usable(self.devices)):>10}  ({USABLE_FRACTION:.0%} of {devices})",
+            f"  available       {gb(usable(self.devices, self.usable_fraction)):>10}  "
+            f"({self.usable_fraction:.0%} of {devices})",
             f"  verdict: {self.verdict_text()}",
         ]
         return lines
@@ -103,13 +105,14 @@ class MemoryPlan:
         return (
             f"{self.model} in {self.dtype}{quant} needs ~{gb(self.weights_bytes)} for weights and "
             f"{gb(cache)} for the KV cache{draft}; {' + '.join(self.devices)} has "
-            f"{gb(usable(self.devices))} usable: {self.advice} (plan=true shows the whole plan)"
+            f"{gb(usable(self.devices, self.usable_fraction))} usable: {self.advice} (plan=true shows the "
+            "whole plan)"
         )
 
 
-def usable(devices: dict[str, int]) -> int:
+def usable(devices: dict[str, int], fraction: float = USABLE_FRACTION) -> int:
     """What weights and KV cache may take of these devices' free memory."""
-    return round(USABLE_FRACTION * sum(devices.values()))
+    return round(fraction * sum(devices.values()))
 
 
 def make_plan(
@@ -126,6 +129,7 @@ def make_plan(
     offload_bytes: int,
     alternatives: dict[str, tuple[int, QuantConfig]],
     draft_bytes: int = 0,
+    usable_fraction: float = USABLE_FRACTION,
 ) -> MemoryPlan:
     """Weigh one run against its devices.
 
@@ -135,12 +139,14 @@ def make_plan(
         offload_bytes: CPU bytes that device_map="auto" may spill into (0 where it cannot).
         alternatives: other choices to advise, "precision=bf16 quant=int4" -> (dtype bytes, quant).
         draft_bytes: what a draft model for speculative decoding takes beside the model.
+        usable_fraction: of the devices' free memory, what weights and KV cache may take (an engine
+            that reserves its own share, vLLM's gpu_memory_utilization, sets it).
     """
     need = _Need(arch, min(context_tokens, arch.context_length))
     weights = weights_bytes(arch, dtype_bytes, quant)
     kv = need.cache(batch_rows, dtype_bytes)
     total = weights + kv + draft_bytes
-    room = usable(devices)
+    room = usable(devices, usable_fraction)
     if total <= room:
         verdict = "fits"
     elif offload_bytes and total <= room + USABLE_FRACTION * offload_bytes:
@@ -167,6 +173,7 @@ def make_plan(
         verdict=verdict,
         advice=advice,
         fitting_batch=batch,
+        usable_fraction=usable_fraction,
     )
 
 

@@ -7,11 +7,11 @@ import dataclasses
 
 import torch
 
-from runner.config.schema import ArchitectureConfig, QuantMethod, RunConfig
+from runner.config.schema import ArchitectureConfig, DeviceKind, QuantMethod, RunConfig, VllmEngineConfig
 from runner.model.arguments import DTYPE_NAMES, draft_model, resolve_dtype
 from runner.model.hardware import Hardware
 from runner.planning.figures import architecture, plan_devices
-from runner.planning.plan import MemoryPlan, kv_bytes_per_token, make_plan, weights_bytes
+from runner.planning.plan import USABLE_FRACTION, MemoryPlan, kv_bytes_per_token, make_plan, weights_bytes
 
 
 def memory_plan(
@@ -52,4 +52,15 @@ def memory_plan(
         offload_bytes=offload,
         alternatives=alternatives,
         draft_bytes=draft_bytes,
+        usable_fraction=_usable_fraction(cfg, hardware),
     )
+
+
+def _usable_fraction(cfg: RunConfig, hardware: Hardware) -> float:
+    """engine=vllm reserves its own share: engine.gpu_memory_utilization of a GPU, and on a CPU at
+    most half of the free memory (as runner/engines/vllm.py asks of it); other engines 90%."""
+    if not isinstance(cfg.engine, VllmEngineConfig):
+        return USABLE_FRACTION
+    share = cfg.engine.gpu_memory_utilization
+    on_cpu = hardware.cuda_devices == 0 or cfg.device.kind is DeviceKind.cpu
+    return min(share, 0.5) if on_cpu else share
