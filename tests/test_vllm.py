@@ -117,8 +117,10 @@ def test_on_a_cpu_vllm_reserves_at_most_half_of_the_free_memory(compose_config):
     cfg = to_run_config(compose_config("engine=vllm"))
     load = transformers_arguments(cfg, Hardware(), Path("/ckpt")).load
     cpu = Hardware(cpu_free=8 * 2**30, cpu_total=32 * 2**30)
-    assert engine_arguments(cfg, load, 8, cpu)["gpu_memory_utilization"] == 0.125
-    assert engine_arguments(cfg, load, 8, GPU_NODE)["gpu_memory_utilization"] == 0.9
+    on_cpu, on_gpu = engine_arguments(cfg, load, 8, cpu), engine_arguments(cfg, load, 8, GPU_NODE)
+    assert (on_cpu["gpu_memory_utilization"], on_gpu["gpu_memory_utilization"]) == (0.125, 0.9)
+    # vLLM's CPU default of 128-token blocks would cache no chat history shorter than that.
+    assert on_cpu["block_size"] == 32 and "block_size" not in on_gpu
 
 
 @pytest.mark.parametrize(
@@ -359,11 +361,13 @@ def test_kill_9_mid_run_then_resume_keeps_every_record_once_in_order(write_jsonl
         f"hydra.run.dir={run_dir}",
     ]
     chats = run_dir / "chats" / "many.jsonl"
-    started = subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = subprocess.Popen(
+        command, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and not (chats.exists() and chats.read_bytes().count(b"\n") >= 3):
         time.sleep(0.2)
-    os.kill(started.pid, signal.SIGKILL)
+    os.killpg(started.pid, signal.SIGKILL)  # the run and vLLM's engine core, as a job's kill does
     started.wait()
     kept = [json.loads(line) for line in chats.read_bytes().split(b"\n")[:-1]]  # whole lines
     assert 3 <= len(kept) < len(questions)

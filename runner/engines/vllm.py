@@ -92,6 +92,10 @@ def engine_arguments(
         "enable_prefix_caching": True,
         "seed": cfg.generation.seed,
     }
+    if _on_cpu(cfg, hardware):
+        # vLLM's CPU default of 128-token blocks caches no prefix shorter than that: a chat's turns
+        # would find nothing of their history. 32 is the smallest block its CPU kernels prefer.
+        arguments["block_size"] = 32
     if cfg.quant.method is QuantMethod.int4:
         arguments["quantization"] = "bitsandbytes"
     if cfg.generation.prompt_lookup_num_tokens and _on_cpu(cfg, hardware):
