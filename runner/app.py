@@ -14,7 +14,7 @@ from typing import Any
 
 from runner.config.schema import RunConfig, config_record
 from runner.errors import Interrupted, RunInterrupted, RunnerError, raise_interrupted
-from runner.loading import load_engine, print_plan
+from runner.loading import LoadedEngine, load_engine, print_plan
 from runner.recording import record_replay
 from runner.rundir.layout import LATEST_RUN, MANIFEST, REJECTED, SUMMARY, chat_paths, point_latest
 from runner.rundir.resume import manifest, previous_records
@@ -78,7 +78,21 @@ def _replay_locked(
     cfg: RunConfig, run_dir: Path, workload: Workload, paths: dict[Path, Path], started: float
 ) -> dict[str, Any]:
     """The run once its dir is held: load the engine, replay, summarise."""
-    loaded = load_engine(cfg, workload)
+    loaded = load_engine(cfg, workload, run_dir)
+    try:
+        return _replay_loaded(cfg, run_dir, workload, paths, started, loaded)
+    finally:
+        loaded.engine.close()
+
+
+def _replay_loaded(
+    cfg: RunConfig,
+    run_dir: Path,
+    workload: Workload,
+    paths: dict[Path, Path],
+    started: float,
+    loaded: LoadedEngine,
+) -> dict[str, Any]:
     if workload.rejected:
         _write_rejects(run_dir, workload)
     log.info(

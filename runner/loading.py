@@ -11,12 +11,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner.config.schema import ArchitectureConfig, ModelSource, RunConfig
+from runner.config.schema import ArchitectureConfig, EngineKind, ModelSource, RunConfig
 from runner.engines.protocol import Engine
-from runner.engines.registry import EngineChoice, EngineSetup, build_engine, choose_engine
+from runner.engines.registry import (
+    EngineChoice,
+    EngineSetup,
+    RemoteSetup,
+    build_engine,
+    capabilities,
+    choose_engine,
+)
 from runner.errors import RunnerError
 from runner.model import sources
 from runner.model.arguments import TransformersArguments
+from runner.model.embedded import embedded_dir
 from runner.model.hardware import Hardware, run_hardware
 from runner.model.loading import load_tokenizer, model_arguments
 from runner.planning.figures import architecture
@@ -48,8 +56,10 @@ class LoadedEngine:
     """The engine with its model loaded, and what the summary says of the loading."""
 
     engine: Engine
-    setup: ModelSetup
-    memory_plan: MemoryPlan
+    kind: EngineKind
+    location: str  # the checkpoint directory or hub id; for a server, the model name it knows
+    architecture: ArchitectureConfig | None  # None: the model runs on a server
+    memory_plan: MemoryPlan | None  # None: nothing to plan here
     seconds: float  # from model preparation to a ready engine
     description: dict[str, Any]  # engine.describe()
     configured_batch_size: int
@@ -70,10 +80,12 @@ def prepare_model(cfg: RunConfig, *, check_hub: bool = False) -> ModelSetup:
     return ModelSetup(hardware, arguments, choice, architecture(cfg, arguments.load))
 
 
-def load_engine(cfg: RunConfig, workload: Workload) -> LoadedEngine:
+def load_engine(cfg: RunConfig, workload: Workload, run_dir: Path | None = None) -> LoadedEngine:
     """Check the model's sources, measure the workload with its chat template, plan the memory,
-    then build the engine with its model loaded."""
+    then build the engine with its model loaded (a server's engine: see `connect_engine`)."""
     started = time.perf_counter()
+    if capabilities(cfg.engine.kind).remote:
+        return connect_engine(cfg, run_dir, started)
     setup = prepare_model(cfg, check_hub=True)
     tokenizer = load_tokenizer(setup.arguments.load)
     measure_with_template(workload, tokenizer, cfg)
@@ -82,7 +94,14 @@ def load_engine(cfg: RunConfig, workload: Workload) -> LoadedEngine:
     ready = EngineSetup(setup.hardware, setup.arguments, tokenizer, plan.batch_rows, setup.architecture)
     engine = build_engine(cfg, setup.choice.kind, ready)
     loaded = LoadedEngine(
-        engine, setup, plan, time.perf_counter() - started, engine.describe(), engine.batch_size
+        engine,
+        setup.choice.kind,
+        setup.location,
+        setup.architecture,
+        plan,
+        time.perf_counter() - started,
+        engine.describe(),
+        engine.batch_size,
     )
     log.info(
         "loaded in %.1f s: %s, %s",
@@ -99,6 +118,29 @@ def load_engine(cfg: RunConfig, workload: Workload) -> LoadedEngine:
             cfg.model.name,
         )
     return loaded
+
+
+def connect_engine(cfg: RunConfig, run_dir: Path | None, started: float) -> LoadedEngine:
+    """A server's engine (engine=openai): no weights, tokenizer or memory plan here; the server is
+    started if the config asks, and checked to answer and offer the model."""
+    model = served_model(cfg)
+    log.info(
+        "engine=%s: model '%s' on %s", cfg.engine.kind.value, model, cfg.engine.base_url or "its own server"
+    )
+    engine = build_engine(cfg, cfg.engine.kind, RemoteSetup(model, run_dir))
+    seconds = time.perf_counter() - started
+    return LoadedEngine(
+        engine, cfg.engine.kind, model, None, None, seconds, engine.describe(), engine.batch_size
+    )
+
+
+def served_model(cfg: RunConfig) -> str:
+    """The model name a server knows: model.id (hub and server presets), else the checkpoint
+    directory that `vllm serve <dir>` or `transformers serve <dir>` names it by."""
+    if cfg.model.id:
+        return cfg.model.id
+    location = embedded_dir(cfg) or Path(cfg.model.path).expanduser()
+    return str(location)
 
 
 def check_memory(cfg: RunConfig, setup: ModelSetup, workload: Workload) -> MemoryPlan:
@@ -121,6 +163,14 @@ def check_memory(cfg: RunConfig, setup: ModelSetup, workload: Workload) -> Memor
 
 def print_plan(cfg: RunConfig, run_dir: Path, workload: Workload) -> dict[str, Any]:
     """plan=true: print the memory plan (and write plan.json); load no weights, generate nothing."""
+    if capabilities(cfg.engine.kind).remote:
+        plan = {"engine": cfg.engine.kind.value, "verdict": "nothing_to_plan"}
+        print(
+            f"engine={cfg.engine.kind.value}: the model runs on a server, which holds its weights and KV "
+            "cache; nothing to plan on this machine"
+        )
+        write_json_atomically(run_dir / "plan.json", plan)
+        return plan
     setup = prepare_model(cfg)
     try:  # the tokenizer measures the conversations; a hub model's is used only if already cached
         tokenizer = load_tokenizer(setup.arguments.load, local_files_only=cfg.model.source is ModelSource.hub)

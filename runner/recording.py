@@ -78,5 +78,6 @@ def record_replay(cfg: RunConfig, engine: Engine, workload: Workload, paths: dic
 def _record_stats(record: dict[str, Any]) -> tuple[tuple[Turn, ...], str | None]:
     """The turns and error code of a record written by an earlier session of this run."""
     replay = record["replay"]
-    turns = tuple(Turn(**{key: turn[key] for key in Turn.__dataclass_fields__}) for turn in replay["turns"])
+    fields = Turn.__dataclass_fields__
+    turns = tuple(Turn(**{key: turn[key] for key in fields if key in turn}) for turn in replay["turns"])
     return turns, replay["error"]["code"] if replay["error"] else None

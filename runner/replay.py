@@ -35,6 +35,7 @@ class Turn:
     finish_reason: str
     reference: str | None
     control_tokens_in_content: int = 0
+    server_model: str | None = None  # the model a server says answered (engine=openai)
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class ReplayedConversation:
                         "finish_reason": turn.finish_reason,
                         "reference": turn.reference,
                         "control_tokens_in_content": turn.control_tokens_in_content,
+                        **({"server_model": turn.server_model} if turn.server_model else {}),
                     }
                     for turn in self.turns
                 ],
@@ -177,6 +179,7 @@ class ConversationReplay:
             finish_reason=outcome.finish_reason,
             reference=reference.content if reference is not None else None,
             control_tokens_in_content=outcome.control_tokens_in_content,
+            server_model=outcome.server_model,
         )
         self.turns.append(turn)
         self._advance()

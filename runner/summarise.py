@@ -37,23 +37,22 @@ def summarise(
     speed = _generated(replayed.new_turns) / replayed.seconds if replayed.seconds else 0.0
     engine, described = loaded.engine, loaded.description
     counters = engine.counters()
-    architecture = loaded.setup.architecture
-    active = (architecture.active_params or architecture.params) / architecture.params
-    bandwidth = hardware.memory_bandwidth(described["device"], Path(cfg.cache_dir).expanduser())
     return Summary(
         status=replayed.status,
         error=f"{type(replayed.stop).__name__}: {replayed.stop}" if replayed.status == "failed" else None,
-        model=ModelInfo(cfg.model.name, cfg.model.source.value, loaded.setup.location, cfg.model.revision),
+        model=ModelInfo(cfg.model.name, cfg.model.source.value, loaded.location, cfg.model.revision),
         precision=cfg.precision.dtype.value,
         quant=cfg.quant.method.value,
         device=cfg.device.kind.value,
         loaded=LoadedInfo(**{f.name: described[f.name] for f in dataclasses.fields(LoadedInfo)}),
-        engine=loaded.setup.choice.kind.value,
+        engine=loaded.kind.value,
         engine_version=described.get("engine_version"),
         batch_size=BatchSize(loaded.configured_batch_size, engine.batch_size),
         cache=_section(counters.cache),
         steps=_section(counters.steps),
         speculative=_section(counters.speculative),
+        requests=_section(counters.requests),
+        server=_section(counters.server),
         replay_mode=cfg.replay.mode.value,
         generation=dataclasses.asdict(cfg.generation),
         chat_template_sha256=engine.chat_template_sha256,
@@ -74,8 +73,8 @@ def summarise(
         tokens_per_second=round(speed, 2),  # this session's new tokens over its replay time
         turn_seconds=_percentiles(turn.seconds for turn in replayed.new_turns),
         first_token_seconds=_percentiles(turn.first_token_seconds for turn in replayed.new_turns),
-        memory_plan=loaded.memory_plan.as_dict(),
-        roofline=_roofline(replayed.new_turns, described, active, bandwidth, speed),
+        memory_plan=loaded.memory_plan.as_dict() if loaded.memory_plan else None,
+        roofline=_roofline(cfg, loaded, replayed.new_turns, speed),
         peak_memory=PeakMemory(peak_rss_bytes(), hardware.accelerator_peak_bytes()),
         environment={**environment(), **hardware.accelerator_environment()},
         record_sha256={
@@ -86,17 +85,19 @@ def summarise(
 
 
 def log_done(summary: Summary, replayed: Replayed, run_dir: Path) -> None:
-    """The closing lines: the roofline, speculation, counts by outcome, speed, where to read them."""
-    roofline = summary.roofline or {}
-    log.info(
-        "roofline: %.1f GB/s over %.1f MB read per token = %.1f tokens/s at batch 1; this run %.1f "
-        "tokens/s, %.0f%% of it",
-        roofline["memory_bandwidth_bytes_per_second"] / 1e9,
-        roofline["bytes_per_token"] / 1e6,
-        roofline["batch1_tokens_per_second"],
-        summary.tokens_per_second,
-        100 * roofline["fraction"],
-    )
+    """The closing lines: the roofline, speculation, requests, counts by outcome, speed, where to
+    read them."""
+    if summary.roofline:
+        roofline = summary.roofline
+        log.info(
+            "roofline: %.1f GB/s over %.1f MB read per token = %.1f tokens/s at batch 1; this run %.1f "
+            "tokens/s, %.0f%% of it",
+            roofline["memory_bandwidth_bytes_per_second"] / 1e9,
+            roofline["bytes_per_token"] / 1e6,
+            roofline["batch1_tokens_per_second"],
+            summary.tokens_per_second,
+            100 * roofline["fraction"],
+        )
     if summary.speculative:
         speculative = summary.speculative
         log.info(
@@ -105,6 +106,16 @@ def log_done(summary: Summary, replayed: Replayed, run_dir: Path) -> None:
             100 * speculative["acceptance_rate"],
             speculative["drafted_tokens"],
             speculative["tokens_per_forward_pass"],
+        )
+    if summary.requests:
+        requests = summary.requests
+        log.info(
+            "requests: %d sent, %d answered; retried: %s; given up: %s; %.1f s waited for rate limits",
+            requests["sent"],
+            requests["answered"],
+            _counts(requests["retried"]),
+            _counts(requests["failed"]),
+            requests["rate_limit_wait_seconds"],
         )
     log.info(
         "done: %d conversation(s), %d turn(s) (finish reasons: %s), errors: %s, rejected lines: %s; "
@@ -138,18 +149,23 @@ def _counts(counts: dict[str, int]) -> str:
 
 
 def _roofline(
-    turns: list[Turn], loaded: dict[str, Any], active: float, bandwidth: float, speed: float
-) -> dict[str, float]:
-    """Decoding reads the active weights (`active` of them: a mixture of experts reads the experts
-    it routes to) and the whole KV cache once per step: at batch 1 that bounds the speed at
-    bandwidth / bytes per token. The KV part uses the mean context over generated tokens."""
+    cfg: RunConfig, loaded: LoadedEngine, turns: list[Turn], speed: float
+) -> dict[str, float] | None:
+    """Decoding reads the active weights (a mixture of experts reads the experts it routes to) and
+    the whole KV cache once per step: at batch 1 that bounds the speed at bandwidth / bytes per
+    token. The KV part uses the mean context over generated tokens. None for a model on a server."""
+    architecture, described = loaded.architecture, loaded.description
+    if architecture is None:
+        return None
+    active = (architecture.active_params or architecture.params) / architecture.params
+    bandwidth = hardware.memory_bandwidth(described["device"], Path(cfg.cache_dir).expanduser())
     generated = _generated(turns)
     context = (
         sum(t.new_tokens * (t.prompt_tokens + t.new_tokens / 2) for t in turns) / generated
         if generated
         else 0
     )
-    per_token = active * loaded["weights_bytes"] + loaded["kv_bytes_per_token"] * context
+    per_token = active * described["weights_bytes"] + described["kv_bytes_per_token"] * context
     batch1 = bandwidth / per_token
     return {
         "memory_bandwidth_bytes_per_second": round(bandwidth),

@@ -25,12 +25,18 @@ CPU = Hardware()
 A100 = Hardware(cuda_devices=1, cuda_bf16=True)
 V100S = Hardware(cuda_devices=2, cuda_bf16=False)
 # Presets that are templates: they need the user to name the model.
-NEEDS = {"hub": "model.id=org/some-chat-model", "local": "model.path=/data/ckpt"}
+SERVER = "engine.base_url=http://127.0.0.1:8000/v1"
+NEEDS = {
+    "hub": ["model.id=org/some-chat-model"],
+    "local": ["model.path=/data/ckpt"],
+    "server": ["model.id=some-served-model", "engine=openai", SERVER],
+    "openai": [SERVER],
+}
 
 
 @pytest.mark.parametrize(("group", "option"), SHIPPED, ids=[f"{g}={o}" for g, o in SHIPPED])
 def test_every_shipped_config_composes_into_a_valid_run_config(compose_config, group, option):
-    overrides = [f"{group}={option}"] + ([NEEDS[option]] if option in NEEDS else [])
+    overrides = [f"{group}={option}", *NEEDS.get(option, [])]
     run_config = to_run_config(compose_config(*overrides))
     assert isinstance(run_config, RunConfig)
     # Airtight: the YAML's keys are exactly schema fields (plus the defaults list).
@@ -47,7 +53,7 @@ def test_groups_offer_the_required_options():
     assert options["quant"] == {"none", "int8", "int4"}
     assert options["device"] == {"auto", "cpu", "cuda"}
     assert options["generation"] == {"greedy", "sampling"}
-    assert options["engine"] == {"continuous", "pipeline", "vllm"}
+    assert options["engine"] == {"continuous", "pipeline", "vllm", "openai"}
 
 
 def test_default_config(compose_config):

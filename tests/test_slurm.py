@@ -211,3 +211,39 @@ def test_a_job_whose_requeues_are_used_up_ends_as_failed_with_a_clear_line(unint
     [row] = report_rows(sweep_dir)
     assert row["status"] == "failed" and "timed-out too many times" in row["error"]
     assert any(line.split()[0] == "failed" and f"{job}: " in line for line in stderr.splitlines())
+
+
+def test_each_job_of_a_sweep_brings_its_own_server_and_leaves_none_behind(write_jsonl, tmp_path):
+    """engine=openai with engine.serve on SLURM: every job starts `transformers serve` on a free
+    port of its node, replays through it, and stops it when the job ends."""
+    source = write_jsonl(SIX[:2])
+    sweep_dir = tmp_path / "sweep"
+    serve = f"{Path(sys.executable).parent / 'transformers'} serve {{model}} --port {{port}} --device cpu"
+    done = subprocess.run(
+        slurm_sweep(
+            sweep_dir,
+            f"input.path={source}",
+            "engine=openai",
+            f"engine.serve='{serve}'",
+            "generation.max_new_tokens=4,8",
+            cpus=1,
+        ),
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs = sorted(path for path in sweep_dir.iterdir() if (path / ".hydra").is_dir())
+    assert len(jobs) == 2
+    ports = set()
+    for job in jobs:
+        summary = json.loads((job / "summary.json").read_text())
+        assert (summary["status"], summary["records"], summary["engine"]) == ("completed", 2, "openai")
+        assert summary["server"]["started_with"][1] == "serve"
+        ports.add(summary["server"]["base_url"].split(":")[-1].removesuffix("/v1"))
+        assert (job / "server.log").stat().st_size > 0
+    assert len(ports) == 2  # a port of its own per job
+    for port in ports:
+        left = subprocess.run(["pgrep", "-f", f"serve .* --port {port} "], capture_output=True, text=True)
+        assert left.stdout == ""  # stopped at the job's end

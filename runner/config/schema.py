@@ -20,6 +20,7 @@ class ModelSource(Enum):
     embedded = "embedded"  # a GGUF shipped inside a Python package, converted once into a cache
     hub = "hub"  # a Hugging Face hub repository id (+ revision)
     local = "local"  # a directory holding a transformers checkpoint
+    server = "server"  # a name an OpenAI-compatible server knows (engine=openai)
 
 
 class Precision(Enum):
@@ -51,6 +52,7 @@ class EngineKind(Enum):
     continuous = "continuous"  # step-level batching over KV-cache slots, turns joining at any step
     pipeline = "pipeline"  # TextGenerationPipeline, one turn per call (the reference engine)
     vllm = "vllm"  # vLLM's engine through its step API (GPUs, tensor/pipeline parallel, clusters)
+    openai = "openai"  # any OpenAI-compatible server's /v1/chat/completions (or one it starts itself)
 
 
 class ExecutorBackend(Enum):
@@ -108,9 +110,12 @@ class ModelConfig:
     architecture: ArchitectureConfig | None = None
 
     def __post_init__(self) -> None:
-        required = {ModelSource.hub: "id", ModelSource.local: "path", ModelSource.embedded: "package"}[
-            self.source
-        ]
+        required = {
+            ModelSource.hub: "id",
+            ModelSource.server: "id",
+            ModelSource.local: "path",
+            ModelSource.embedded: "package",
+        }[self.source]
         if not getattr(self, required):
             raise ConfigError(
                 f"model '{self.name}' has source={self.source.value} but no {required}: "
@@ -127,7 +132,7 @@ class ModelConfig:
 
 
 _SOURCE_KEYS = {
-    "id": "model=hub model.id=<org>/<name>",
+    "id": "model=hub model.id=<org>/<name>, or model=server model.id=<the name a server knows>",
     "revision": "model=hub, to pin a commit",
     "path": "model=local model.path=<checkpoint dir>",
     "package": "source=embedded, a Python package holding a .gguf",
@@ -246,6 +251,55 @@ class VllmEngineConfig(EngineConfig):
 
 
 @dataclass
+class OpenAIEngineConfig(EngineConfig):
+    """engine=openai: an OpenAI-compatible server's address, how hard to press it, and, with
+    `serve`, the command that starts the server for this run."""
+
+    base_url: str | None = None  # the server's /v1 root; null with `serve` (the runner's own server)
+    api_key_env: str | None = None  # the NAME of an environment variable holding the key, never the key
+    concurrency: int = 8  # requests in flight at once
+    timeout_s: float = 600.0  # one request's limit; past it the request is retried
+    max_retries: int = 5  # per request, for 429, 5xx, dropped connections and timeouts
+    requests_per_minute: float | None = None  # client-side limits, for hosted APIs
+    tokens_per_minute: float | None = None
+    serve: str | None = None  # a command with {port} and {model}: the server this run starts and stops
+    serve_timeout_s: float = 900.0  # how long the started server may take to answer
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive = ("concurrency", "timeout_s", "requests_per_minute", "tokens_per_minute", "serve_timeout_s")
+        for key in positive:
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"engine.{key} must be > 0, got {value}")
+        checks = [
+            (self.max_retries >= 0, "engine.max_retries must be >= 0"),
+            (
+                self.batch_size == "auto",
+                "engine=openai sends engine.concurrency requests at once: set engine.concurrency, not "
+                "engine.batch_size",
+            ),
+            (
+                (self.base_url is None) != (self.serve is None),
+                "engine=openai needs one of engine.base_url (a running server's /v1 root) or "
+                "engine.serve (a command that starts one, with {port} and {model})",
+            ),
+            (
+                self.serve is None or "{port}" in self.serve,
+                "engine.serve must place the port the runner picks: put {port} in the command",
+            ),
+            (
+                self.api_key_env is None or self.api_key_env.replace("_", "").isalnum(),
+                "engine.api_key_env is the NAME of an environment variable (e.g. OPENAI_API_KEY), "
+                "not the key itself",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+@dataclass
 class InputConfig:
     path: Any = MISSING  # a file, directory or glob, or a list of them
     format: InputFormat = InputFormat.auto
@@ -298,6 +352,36 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.plan_gpus and not self.plan:
             raise ConfigError("plan_gpus describes GPUs to plan for, without using them: add plan=true")
+        if self.engine.kind is EngineKind.openai:
+            self._check_remote()
+        elif self.model.source is ModelSource.server:
+            raise ConfigError(
+                f"model={self.model.name} is a name a server knows, with no weights here: add "
+                "engine=openai with engine.base_url=<its /v1 root>"
+            )
+
+    def _check_remote(self) -> None:
+        """engine=openai runs the model on a server: what sets up local weights does not apply."""
+        local = [
+            f"{group}={value.value}"
+            for group, value, default in (
+                ("precision", self.precision.dtype, Precision.auto),
+                ("quant", self.quant.method, QuantMethod.none),
+                ("device", self.device.kind, DeviceKind.auto),
+            )
+            if value is not default
+        ]
+        if self.device.max_memory:
+            local.append("device.max_memory")
+        if self.generation.speculation:
+            local.append("generation.prompt_lookup_num_tokens / generation.assistant_model")
+        if self.plan_gpus:
+            local.append("plan_gpus")
+        if local:
+            raise ConfigError(
+                f"engine=openai runs the model on a server, so {', '.join(local)} cannot apply here: drop "
+                "it, or set it on the server (e.g. vllm serve --dtype bfloat16 --quantization fp8)"
+            )
 
 
 GROUP_SCHEMAS = {
@@ -311,7 +395,7 @@ GROUP_SCHEMAS = {
 
 
 # Engines with settings of their own: their YAML starts from `<engine>_engine_schema`.
-ENGINE_SCHEMAS = {"vllm": VllmEngineConfig}
+ENGINE_SCHEMAS = {"vllm": VllmEngineConfig, "openai": OpenAIEngineConfig}
 
 
 def register_configs() -> None:

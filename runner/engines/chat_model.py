@@ -37,6 +37,9 @@ class ChatTokenizer:
             | set(tokenizer.all_special_tokens)
         )
 
+    def close(self) -> None:
+        """Nothing outside this process to let go of (engines that hold some override it)."""
+
     def control_tokens_in(self, messages: Sequence[Message]) -> int:
         """How many control-token strings the messages' texts hold (flagged per turn, not removed)."""
         return sum(message.content.count(token) for message in messages for token in self.control_strings)

@@ -73,6 +73,7 @@ class Capabilities:
     batch_limit: int | None = None  # turns in flight at most; None: as many as engine.batch_size
     speculation: bool = False  # drafts tokens (generation.prompt_lookup_num_tokens / assistant_model)
     sampling_knobs: frozenset[str] = frozenset(SAMPLING_KNOBS)  # the knobs it honours per turn
+    remote: bool = False  # the model runs elsewhere: no weights, tokenizer or memory plan here
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class Reply:
     seconds: float  # from the turn joining the engine's work to its last token
     first_token_seconds: float  # from joining to its first new token
     control_tokens_in_content: int = 0  # special-token strings inside the prompt's message texts
+    server_model: str | None = None  # the model a server says answered (engine=openai)
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,11 @@ class Engine(Protocol):
         """What the engine counted, for summary.json (cache reuse, step timings, speculation)."""
         ...
 
+    def close(self) -> None:
+        """Let go of what the engine holds outside this process (a server it started, an engine
+        core); the run calls it once at its end, whichever way it ends."""
+        ...
+
 
 @dataclass(frozen=True)
 class EngineCounters:
@@ -152,3 +159,5 @@ class EngineCounters:
     cache: Any = None  # KV-cache reuse between turns and conversations
     steps: Any = None  # step counts and timings
     speculative: Any = None  # drafted and accepted tokens
+    requests: Any = None  # requests sent to a server, retried and failed by cause
+    server: Any = None  # where those requests went, and what answered them

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -40,6 +41,15 @@ class EngineSetup:
     tokenizer: Any
     batch_rows: int
     architecture: ArchitectureConfig | None = None
+
+
+@dataclass(frozen=True)
+class RemoteSetup:
+    """What an engine on a server is built from: the model name the server knows, and the run dir
+    (where a server the run starts writes its log)."""
+
+    model: str
+    run_dir: Path | None = None
 
 
 def engine_module(kind: EngineKind) -> ModuleType:
@@ -93,6 +103,6 @@ def _check_sampling(cfg: RunConfig, kind: EngineKind, able: Capabilities) -> Non
         raise ConfigError(f"engine={kind.value} cannot honour generation.{', generation.'.join(ignored)}")
 
 
-def build_engine(cfg: RunConfig, kind: EngineKind, setup: EngineSetup) -> Engine:
-    """The engine `kind` (from choose_engine), with its model loaded."""
+def build_engine(cfg: RunConfig, kind: EngineKind, setup: EngineSetup | RemoteSetup) -> Engine:
+    """The engine `kind` (from choose_engine), with its model loaded (or its server reached)."""
     return engine_module(kind).build(cfg, setup)

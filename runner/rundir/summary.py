@@ -77,6 +77,8 @@ class Summary:
     cache: dict[str, Any] | None = None
     steps: dict[str, Any] | None = None
     speculative: dict[str, Any] | None = None
+    requests: dict[str, Any] | None = None  # engine=openai: attempts, answers, retries and failures by cause
+    server: dict[str, Any] | None = None  # engine=openai: base_url, model, what answered, a started server
     replay_mode: str | None = None
     generation: dict[str, Any] | None = None
     chat_template_sha256: str | None = None
