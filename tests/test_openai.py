@@ -77,6 +77,16 @@ def test_greedy_and_sampled_turns_become_these_requests():
     assert sampled["extra_body"] == {"top_k": 40, "min_tokens": 2}  # what vLLM, SGLang, llama.cpp, TGI read
 
 
+def test_engine_extra_body_reaches_every_request(compose_config):
+    cfg = to_run_config(
+        compose_config("engine=openai", "engine.base_url=http://h/v1", "+engine.extra_body={ignore_eos:true}")
+    )
+    body = request_body(
+        "m", Request((Message("user", "Hi"),), seed=1), Sampling(8, min_new_tokens=8), cfg.engine.extra_body
+    )
+    assert body["extra_body"] == {"ignore_eos": True, "min_tokens": 8}
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -328,17 +338,29 @@ def test_a_wrong_key_model_or_address_stops_the_run_in_one_line(clean_run, serve
         "model.id=meta-llama/Nope",
         f"hydra.run.dir={tmp_path / 'model'}",
     )
-    started = time.monotonic()
-    unreachable = run_cli(
+    # transformers serve refuses fields it does not know: generation=sampling's top_k=50 is one.
+    unknown_field = run_cli(
         *common,
+        f"engine.base_url={server}/v1",
+        f"model.id={embedded_dir}",
+        "generation=sampling",
+        f"hydra.run.dir={tmp_path / 'field'}",
+    )
+    started = time.monotonic()
+    # A hub preset through a server: no tokenizer or weights are looked for (no hub here), the
+    # server is asked first.
+    unreachable = run_cli(
+        "engine=openai",
+        "model=llama3_8b",
+        f"input.path={source}",
         f"engine.base_url=http://127.0.0.1:{free_port()}/v1",
-        "model.id=x",
         f"hydra.run.dir={tmp_path / 'url'}",
     )
     assert time.monotonic() - started < 30
     for done, words in (
         (wrong_key, "refused the key in $CHAT_RUNNER_TEST_KEY (401)"),
         (wrong_model, f"does not offer model 'meta-llama/Nope'; it offers: {embedded_dir}"),
+        (unknown_field, "refused the first 3 requests and answered none (422): Unexpected fields"),
         (unreachable, "cannot reach the server at http://127.0.0.1:"),
     ):
         assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
@@ -456,3 +478,30 @@ def test_a_server_that_exits_or_never_answers_is_one_line_with_its_log(write_jso
         assert "no such model" in done.stderr  # the server's last log lines
     processes = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
     assert not [line for line in processes if line.startswith("sleep 30 ")]  # stopped after the wait
+
+
+LLAMA_DIR = Path(os.environ.get("CHAT_RUNNER_CACHE", "~/.cache/chat-runner")).expanduser() / "llama.cpp"
+LLAMA_SERVER, LLAMA_GGUF = LLAMA_DIR / "build" / "bin" / "llama-server", LLAMA_DIR / "smollm2-135m-f32.gguf"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (LLAMA_SERVER.exists() and LLAMA_GGUF.exists()),
+    reason="no llama-server (benchmarks/build_llama_server.sh)",
+)
+def test_llama_cpps_server_started_by_engine_serve(tmp_path, write_jsonl):
+    source = write_jsonl(questions(2))
+    serve = f"{LLAMA_SERVER} -m {LLAMA_GGUF} --host 127.0.0.1 --port {{port}} --alias smollm2 -np 2 -c 2048"
+    done = run_cli(
+        "engine=openai",
+        f"engine.serve='{serve}'",
+        "model=server",
+        "model.id=smollm2",
+        f"input.path={source}",
+        "generation.max_new_tokens=8",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = read_jsonl(tmp_path / "run" / "chats" / source.name)
+    assert [[m["role"] for m in r["messages"]] for r in records] == [["user", "assistant"] * 2] * 2
+    assert {turn["server_model"] for r in records for turn in r["replay"]["turns"]} == {"smollm2"}

@@ -201,7 +201,7 @@ def vllm_engine(embedded_dir):
         )
     engine = load_engine(cfg, Workload([], list(DOZEN), [])).engine
     yield engine
-    engine.close()  # vLLM's engine core stopped: its memory back before the CLI tests start engines of their own
+    engine.close()  # vLLM's engine core stopped: its memory back before the CLI tests start theirs
 
 
 @pytest.mark.slow

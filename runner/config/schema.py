@@ -264,6 +264,7 @@ class OpenAIEngineConfig(EngineConfig):
     tokens_per_minute: float | None = None
     serve: str | None = None  # a command with {port} and {model}: the server this run starts and stops
     serve_timeout_s: float = 900.0  # how long the started server may take to answer
+    extra_body: dict[str, Any] = field(default_factory=dict)  # fields added to every request, as they are
 
     def __post_init__(self) -> None:
         super().__post_init__()

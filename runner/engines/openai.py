@@ -41,10 +41,12 @@ class ServerRefused(RunnerError):
     """The server refuses every request of this run (a wrong key or model, an unknown field)."""
 
 
-def request_body(model: str, request: Request, sampling: Sampling) -> dict[str, Any]:
+def request_body(
+    model: str, request: Request, sampling: Sampling, extra_body: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """One turn as a chat completions request: greedy is temperature 0; a sampled turn sends its
     own seed. Knobs the OpenAI API lacks go as extra body fields (vLLM, SGLang, llama.cpp and TGI
-    read them), only where set away from their neutral value."""
+    read them), only where set away from their neutral value, after engine.extra_body's."""
     body: dict[str, Any] = {
         "model": model,
         "messages": [message.as_dict() for message in request.messages],
@@ -57,8 +59,8 @@ def request_body(model: str, request: Request, sampling: Sampling) -> dict[str, 
     if sampling.stop:
         body["stop"] = list(sampling.stop)
     extra = extra_fields(sampling)
-    if extra:
-        body["extra_body"] = extra
+    if extra or extra_body:
+        body["extra_body"] = {**(extra_body or {}), **extra}
     return body
 
 
@@ -88,9 +90,10 @@ class OpenAIEngine:
         concurrency: int,
         redact: str | None = None,
         server: ServerProcess | None = None,
+        extra_body: dict[str, Any] | None = None,
     ):
         self.client, self.model, self.sampling, self.batch_size = client, model, sampling, concurrency
-        self.server, self._secret = server, redact
+        self.server, self._secret, self.extra_body = server, redact, dict(extra_body or {})
         self.in_flight: dict[concurrent.futures.Future[Reply | TurnError], Request] = {}
         self.server_models: set[str] = set()
         self.rejections = 0
@@ -101,13 +104,14 @@ class OpenAIEngine:
 
     def submit(self, request: Request) -> None:
         sampling = request.sampling or self.sampling
-        body = request_body(self.model, request, sampling)
-        if "extra_body" in body and not self.warned_extra:
+        body = request_body(self.model, request, sampling, self.extra_body)
+        knobs = extra_fields(sampling)
+        if knobs and not self.warned_extra:
             self.warned_extra = True
             log.warning(
                 "engine=openai sends %s as extra request fields: vLLM, SGLang, llama.cpp and TGI read "
                 "them; a hosted API may ignore or refuse them",
-                ", ".join(body["extra_body"]),
+                ", ".join(knobs),
             )
         estimate = estimated_tokens(body["messages"], sampling.max_new_tokens)
         self.in_flight[self.client.submit(self._turn(body, estimate))] = request
@@ -248,8 +252,9 @@ def build(cfg: RunConfig, setup: RemoteSetup) -> OpenAIEngine:
         base_url = server.base_url if server else engine.base_url.rstrip("/")
         limits = RateLimits(engine.requests_per_minute, engine.tokens_per_minute)
         client = ServerClient(base_url, key, engine.timeout_s, engine.max_retries, limits)
+        sampling = Sampling.from_config(cfg.generation)
         built = OpenAIEngine(
-            client, setup.model, Sampling.from_config(cfg.generation), engine.concurrency, key, server
+            client, setup.model, sampling, engine.concurrency, key, server, engine.extra_body
         )
         check_server(client, setup.model, built.redact, engine.api_key_env)
         return built
