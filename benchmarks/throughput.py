@@ -423,11 +423,9 @@ def run_openai(args: argparse.Namespace, workload: str, count: int) -> dict:
 
 def report(results: dict[str, dict], bandwidth: float, args: argparse.Namespace, workload: str) -> None:
     most, least = lengths(args, workload)
-    weights = next(
-        r["weights_bytes"]
-        for name, r in results.items()
-        if name not in ("llama", "openai") and r["weights_bytes"]
-    )
+    # The runner's loaded weights where a contender loaded them; else the F32 GGUF (the same bytes).
+    loaded = [r["weights_bytes"] for name, r in results.items() if name not in ("llama", "openai")]
+    weights = next(w for w in [*loaded, *(r["weights_bytes"] for r in results.values())] if w)
     roofline = bandwidth / weights
     baseline = results.get("seed")
     print(
