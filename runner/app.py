@@ -41,10 +41,10 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             if cfg.plan:
                 return print_plan(cfg, run_dir, workload)
             with RunDirLock(run_dir):
-                paths = open_run_dir(cfg, run_dir, workload)
                 try:
+                    paths = open_run_dir(cfg, run_dir, workload)
                     return _replay_locked(cfg, run_dir, workload, paths, started)
-                except (KeyboardInterrupt, Interrupted) as stop:  # before the replay began
+                except (KeyboardInterrupt, Interrupted) as stop:  # with the dir held, before the replay
                     kept = len(workload.kept)
                     summary = Summary("interrupted", records=kept, records_kept_from_before=kept)
                     write_json_atomically(run_dir / SUMMARY, summary.to_json())

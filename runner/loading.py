@@ -1,7 +1,8 @@
 """From a checked config and workload to a ready engine, shared by the app, the Python API and the
 benchmark: the hardware, the engine that can run the config, the model's sources and tokenizer, the
 chat template measured on every conversation, the memory plan (refusing a run that cannot fit),
-then the engine built with its model loaded. `plan=true` stops after the plan."""
+then the engine built with its model loaded. `plan=true` stops after the plan. An engine on a server
+(engine=openai) skips all of it but the engine: there are no weights, tokenizer or plan here."""
 
 from __future__ import annotations
 
