@@ -47,9 +47,6 @@ def main(cfg: DictConfig) -> None:
 def cli() -> None:
     """`chat-runner ...` and `python -m runner ...`."""
     signal.signal(signal.SIGTERM, raise_interrupted)
-    # A parent that blocked them (they are inherited through exec) would keep SLURM's SIGTERM and
-    # Ctrl-C pending until the run ends: unblocked, they stop it as they should.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     try:
         check_overrides(sys.argv[1:])
         main()

@@ -233,15 +233,21 @@ def test_a_run_killed_at_any_moment_resumes(reference, tmp_path, after):
 def test_an_early_signal_gives_the_interrupted_summary_without_a_traceback(reference, tmp_path, how):
     source, expected = reference
     run_dir = tmp_path / "run"
-    process = subprocess.Popen(command(source, run_dir), cwd=PROJECT, stderr=subprocess.PIPE, text=True)
+    # A shell running this suite in the background ignores SIGINT, and its children inherit that (a
+    # Python started so never raises KeyboardInterrupt): the run gets the default, as in a terminal.
+    process = subprocess.Popen(
+        command(source, run_dir),
+        cwd=PROJECT,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 60
     while not (run_dir / "manifest.json").exists() and time.monotonic() < deadline:
         time.sleep(0.01)
-    status = Path(f"/proc/{process.pid}/status").read_text().splitlines()
-    signals = [line for line in status if line.startswith("Sig")]  # said on a failure
     process.send_signal(how)  # while the model loads
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 1, (signals, stderr[-2000:])
+    assert process.returncode == 1
     assert "Traceback" not in stderr and f"hydra.run.dir={run_dir} resume=true" in stderr
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
     assert run(source, run_dir, "resume=true").returncode == 0
