@@ -458,28 +458,10 @@ def report(results: dict[str, dict], bandwidth: float, args: argparse.Namespace,
             f"{ratio:>8} {speed / roofline:>8.0%} {result['load_seconds']:>8.1f} {rss:>7.2f}G {same:>10}  "
             f"{what}"
         )
-    if "vllm" in results and "vllm-loop" in results:
-        mine, theirs = (
-            results[name]["generated_tokens"] / results[name]["seconds"] for name in ("vllm", "vllm-loop")
-        )
-        equal = sum(
-            a == b for a, b in zip(results["vllm"]["replies"], results["vllm-loop"]["replies"], strict=False)
-        )
-        print(
-            f"engine=vllm against the hand loop: {mine / theirs:.2f}x tokens/s; "
-            f"{equal}/{len(results['vllm-loop']['replies'])} replies equal"
-        )
-    if "llama" in results and "openai" in results:
-        mine, theirs = (
-            results[name]["generated_tokens"] / results[name]["seconds"] for name in ("openai", "llama")
-        )
-        equal = sum(
-            a == b for a, b in zip(results["openai"]["replies"], results["llama"]["replies"], strict=False)
-        )
-        print(
-            f"the runner as llama-server's client against the benchmark's own clients: {mine / theirs:.2f}x "
-            f"tokens/s; {equal}/{len(results['llama']['replies'])} replies equal"
-        )
+    head_to_head(results, "vllm", "vllm-loop", "engine=vllm against the hand loop")
+    head_to_head(
+        results, "openai", "llama", "the runner as llama-server's client against the benchmark's own clients"
+    )
     counters = {name: r["counters"] for name, r in results.items() if r["counters"].get("steps")}
     if counters:
         print("decoding steps (continuous engine): mean step, rows per step, and where the time went")
@@ -498,6 +480,16 @@ def report(results: dict[str, dict], bandwidth: float, args: argparse.Namespace,
         )
     if "batch1" in results and "lookup" in results:
         speculative_rows(results, args)
+
+
+def head_to_head(results: dict[str, dict], mine: str, theirs: str, words: str) -> None:
+    """One line: contender `mine`'s tokens/s as a ratio of `theirs`, and how many replies are equal."""
+    if mine not in results or theirs not in results:
+        return
+    ours, baseline = (results[name]["generated_tokens"] / results[name]["seconds"] for name in (mine, theirs))
+    replies = results[theirs]["replies"]
+    equal = sum(a == b for a, b in zip(results[mine]["replies"], replies, strict=False))
+    print(f"{words}: {ours / baseline:.2f}x tokens/s; {equal}/{len(replies)} replies equal")
 
 
 def speculative_rows(results: dict[str, dict], args: argparse.Namespace) -> None:
