@@ -2,7 +2,6 @@
 
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -15,8 +14,9 @@ from runner.config.compose import to_run_config
 from runner.config.overrides import check_overrides
 from runner.config.presets import CONF_DIR
 from runner.config.schema import register_configs
-from runner.errors import ConfigError, Interrupted, RunInterrupted, RunnerError, raise_interrupted
+from runner.errors import ConfigError, Interrupted, RunInterrupted, RunnerError
 from runner.rundir.layout import register_resolvers
+from runner.stop_signals import stop_signals_raise
 
 register_configs()
 register_resolvers()
@@ -46,10 +46,10 @@ def main(cfg: DictConfig) -> None:
 
 def cli() -> None:
     """`chat-runner ...` and `python -m runner ...`."""
-    signal.signal(signal.SIGTERM, raise_interrupted)
     try:
-        check_overrides(sys.argv[1:])
-        main()
+        with stop_signals_raise():
+            check_overrides(sys.argv[1:])
+            main()
     except ConfigError as error:
         sys.exit(f"error: {error}")
     except (KeyboardInterrupt, Interrupted) as stop:  # before the run began: nothing to keep

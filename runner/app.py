@@ -3,23 +3,20 @@ run dir, summarise. Each step is a function of its own; this module only orders 
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from runner.config.schema import RunConfig, config_record
-from runner.errors import Interrupted, RunInterrupted, RunnerError, raise_interrupted
+from runner.errors import Interrupted, RunInterrupted, RunnerError
 from runner.loading import LoadedEngine, load_engine, print_plan
 from runner.recording import record_replay
 from runner.rundir.layout import LATEST_RUN, MANIFEST, REJECTED, SUMMARY, chat_paths, point_latest
 from runner.rundir.resume import manifest, previous_records
 from runner.rundir.summary import Summary
 from runner.rundir.writer import RunDirLock, write_json_atomically, write_jsonl_atomically
+from runner.stop_signals import stop_signals_raise
 from runner.summarise import log_done, summarise
 from runner.workload import Workload, read_workload
 
@@ -35,7 +32,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     with an interrupted summary and the command to resume.
     """
     started = time.perf_counter()
-    with _sigterm_interrupts():
+    with stop_signals_raise():
         try:
             workload = read_workload(cfg)
             if cfg.plan:
@@ -123,17 +120,3 @@ def _interrupted(stop: BaseException, records: int, run_dir: Path) -> RunInterru
         f"interrupted ({type(stop).__name__}): {records} record(s) complete in {run_dir}; "
         f"continue with the same command plus hydra.run.dir={run_dir} resume=true"
     )
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM raises Interrupted, as Ctrl-C raises KeyboardInterrupt (in the main thread, where
-    signal handlers live), and the previous handler comes back afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, raise_interrupted)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -34,10 +34,3 @@ class Interrupted(BaseException):
     """SIGTERM arrived (SIGINT arrives as KeyboardInterrupt): the run ends as interrupted. A
     BaseException, as KeyboardInterrupt is, so that no `except Exception` on its way (in a library
     loading the model) swallows it and lets the run go on."""
-
-
-def raise_interrupted(signum: int, frame: object) -> None:
-    """A SIGTERM handler: stop the way Ctrl-C does, so the run can say what it kept."""
-    import signal
-
-    raise Interrupted(signal.Signals(signum).name)

@@ -16,6 +16,7 @@ from runner.errors import Interrupted
 from runner.progress import Progress
 from runner.replay import Turn, replay_all
 from runner.rundir.writer import ChatWriter
+from runner.stop_signals import stop_signals_held
 from runner.workload import Workload
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,9 @@ def record_replay(cfg: RunConfig, engine: Engine, workload: Workload, paths: dic
                 sampling=Sampling.from_config(cfg.generation),
             )
             for result in results:
-                writer.write(result.conversation.source, result.as_record(engine.chat_template_sha256))
-                replayed.records.append((result.turns, result.error.code if result.error else None))
+                with stop_signals_held():  # a record on disk is a record counted in the summary
+                    writer.write(result.conversation.source, result.as_record(engine.chat_template_sha256))
+                    replayed.records.append((result.turns, result.error.code if result.error else None))
                 if result.error is not None:
                     where, conversation_id = result.conversation.where, result.conversation.id
                     log.warning("%s (id %r): %s", where, conversation_id, result.error.message)
