@@ -10,6 +10,14 @@ from runner.errors import Interrupted
 from runner.stop_signals import stop_signals_held, stop_signals_raise
 
 
+@pytest.fixture(autouse=True)
+def python_ctrl_c_handler():
+    """Python's own Ctrl-C handler, which a process started in the background (as CI) goes without."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize(
     ("signum", "raised"), [(signal.SIGTERM, Interrupted), (signal.SIGINT, KeyboardInterrupt)]
 )
