@@ -56,9 +56,11 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, workload: Workload) -> dict[Path
     paths = chat_paths(run_dir, workload.files)
     run_manifest = manifest(config_record(cfg), workload.files)
     samples = cfg.generation.num_samples
-    order = {
-        (str(c.id), s): i * samples + s for i, c in enumerate(workload.conversations) for s in range(samples)
-    }
+
+    def order() -> dict[tuple[str, int], int]:
+        ids = workload.conversations.ids
+        return {(key, s): i * samples + s for i, key in enumerate(ids) for s in range(samples)}
+
     workload.kept = previous_records(run_dir, paths, run_manifest, order, resume=cfg.resume)
     write_json_atomically(run_dir / MANIFEST, run_manifest)
     point_latest(LATEST_RUN, run_dir)
@@ -99,13 +101,16 @@ def _replay_loaded(
         workload.planned_replies(cfg),
         f"; resuming with {len(workload.kept)} record(s) kept" if cfg.resume else "",
     )
+    rejects = len(workload.rejected)
     replayed = record_replay(cfg, loaded.engine, workload, paths)
+    if len(workload.rejected) > rejects:  # refused by the chat template as the replay reached them
+        _write_rejects(run_dir, workload)
     summary = summarise(cfg, run_dir, workload, loaded, replayed, started)
     write_json_atomically(run_dir / SUMMARY, summary.to_json())
     if replayed.status == "failed":
         raise replayed.stop
     if replayed.stop is not None:
-        raise _interrupted(replayed.stop, len(replayed.records), run_dir)
+        raise _interrupted(replayed.stop, replayed.tally.records, run_dir)
     log_done(summary, replayed, run_dir)
     return summary.to_json()
 

@@ -110,9 +110,7 @@ def load_engine(cfg: RunConfig, workload: Workload, run_dir: Path | None = None)
         loaded.description["dtype"],
         loaded.description["device_map"],
     )
-    if not engine.supports_system_role and any(
-        c.messages[0].role == "system" for c in workload.conversations
-    ):
+    if not engine.supports_system_role and workload.has_system:
         log.warning(
             "%s's chat template has no system role: system messages are folded into the first "
             "user turn (system text, a blank line, then the user text)",

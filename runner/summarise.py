@@ -14,8 +14,7 @@ from typing import Any
 from runner.config.schema import RunConfig
 from runner.loading import LoadedEngine
 from runner.model import hardware
-from runner.recording import Replayed
-from runner.replay import Turn
+from runner.recording import Replayed, Tally
 from runner.rundir.environment import environment, peak_rss_bytes
 from runner.rundir.summary import BatchSize, LoadedInfo, ModelInfo, PeakMemory, Summary
 from runner.workload import Workload
@@ -33,8 +32,8 @@ def summarise(
 ) -> Summary:
     """summary.json: what was loaded and replayed, how it ended, how fast, and on what (`started`:
     the run's perf_counter at its start, for its wall time)."""
-    turns = [turn for record_turns, _ in replayed.records for turn in record_turns]
-    speed = _generated(replayed.new_turns) / replayed.seconds if replayed.seconds else 0.0
+    tally = replayed.tally
+    speed = tally.new_tokens / replayed.seconds if replayed.seconds else 0.0
     engine, described = loaded.engine, loaded.description
     counters = engine.counters()
     return Summary(
@@ -61,20 +60,20 @@ def summarise(
         chat_files=[str(path.relative_to(run_dir)) for path in replayed.digests],
         conversations=len(workload.conversations),
         rejected=dict(Counter(reject.code for reject in workload.rejected)),
-        records=len(replayed.records),
+        records=tally.records,
         records_kept_from_before=replayed.kept,
-        turns=len(turns),
-        errors=dict(Counter(code for _, code in replayed.records if code is not None)),
-        prompt_tokens=sum(turn.prompt_tokens for turn in turns),
-        generated_tokens=_generated(turns),
-        finish_reasons=dict(Counter(turn.finish_reason for turn in turns)),
+        turns=tally.turns,
+        errors=dict(tally.errors),
+        prompt_tokens=tally.prompt_tokens,
+        generated_tokens=tally.generated_tokens,
+        finish_reasons=dict(tally.finish_reasons),
         load_seconds=round(loaded.seconds, 3),
         replay_seconds=round(replayed.seconds, 3),
         tokens_per_second=round(speed, 2),  # this session's new tokens over its replay time
-        turn_seconds=_percentiles(turn.seconds for turn in replayed.new_turns),
-        first_token_seconds=_percentiles(turn.first_token_seconds for turn in replayed.new_turns),
+        turn_seconds=_percentiles(tally.new_turn_seconds),
+        first_token_seconds=_percentiles(tally.new_first_token_seconds),
         memory_plan=loaded.memory_plan.as_dict() if loaded.memory_plan else None,
-        roofline=_roofline(cfg, loaded, replayed.new_turns, speed),
+        roofline=_roofline(cfg, loaded, tally, speed),
         peak_memory=PeakMemory(peak_rss_bytes(), hardware.accelerator_peak_bytes()),
         environment={**environment(), **hardware.accelerator_environment()},
         record_sha256={
@@ -125,7 +124,7 @@ def log_done(summary: Summary, replayed: Replayed, run_dir: Path) -> None:
         _counts(summary.finish_reasons),
         _counts(summary.errors),
         _counts(summary.rejected),
-        _generated(replayed.new_turns),
+        replayed.tally.new_tokens,
         summary.replay_seconds,
         summary.tokens_per_second,
     )
@@ -138,19 +137,13 @@ def _section(counters: Any) -> dict[str, Any] | None:
     return dataclasses.asdict(counters) if dataclasses.is_dataclass(counters) else counters
 
 
-def _generated(turns: Iterable[Turn]) -> int:
-    return sum(turn.new_tokens for turn in turns)
-
-
 def _counts(counts: dict[str, int]) -> str:
     """'length 5, eos 4' (largest first), or 'none'."""
     ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
     return ", ".join(f"{key} {count}" for key, count in ordered) or "none"
 
 
-def _roofline(
-    cfg: RunConfig, loaded: LoadedEngine, turns: list[Turn], speed: float
-) -> dict[str, float] | None:
+def _roofline(cfg: RunConfig, loaded: LoadedEngine, tally: Tally, speed: float) -> dict[str, float] | None:
     """Decoding reads the active weights (a mixture of experts reads the experts it routes to) and
     the whole KV cache once per step: at batch 1 that bounds the speed at bandwidth / bytes per
     token. The KV part uses the mean context over generated tokens. None for a model on a server."""
@@ -159,12 +152,7 @@ def _roofline(
         return None
     active = (architecture.active_params or architecture.params) / architecture.params
     bandwidth = hardware.memory_bandwidth(described["device"], Path(cfg.cache_dir).expanduser())
-    generated = _generated(turns)
-    context = (
-        sum(t.new_tokens * (t.prompt_tokens + t.new_tokens / 2) for t in turns) / generated
-        if generated
-        else 0
-    )
+    context = tally.new_context_tokens / tally.new_tokens if tally.new_tokens else 0
     per_token = active * described["weights_bytes"] + described["kv_bytes_per_token"] * context
     batch1 = bandwidth / per_token
     return {

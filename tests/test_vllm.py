@@ -4,6 +4,7 @@ conversations turn by turn."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -178,13 +179,17 @@ needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed her
 
 
 @pytest.fixture(scope="module")
-def vllm_engine(embedded_dir):
+def vllm_engine(embedded_dir, tmp_path_factory):
     """engine=vllm over the embedded model in fp32 on CPU, 8 sequences at most, built as a run builds it."""
     from hydra import compose, initialize
     from test_engine import DOZEN
 
     from runner.loading import load_engine
-    from runner.workload import Workload
+    from runner.workload import read_workload
+
+    source = tmp_path_factory.mktemp("vllm") / "dozen.jsonl"
+    lines = [{"id": c.id, "messages": [m.as_dict() for m in c.messages]} for c in DOZEN]
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
     with initialize(version_base="1.3", config_path="../conf"):
         cfg = to_run_config(
@@ -196,10 +201,11 @@ def vllm_engine(embedded_dir):
                     "engine.enforce_eager=true",  # no compilation: a faster start for the tests
                     "generation.max_new_tokens=16",
                     "device=cpu",
+                    f"input.path={source}",
                 ],
             )
         )
-    engine = load_engine(cfg, Workload([], list(DOZEN), [])).engine
+    engine = load_engine(cfg, read_workload(cfg)).engine
     yield engine
     engine.close()  # vLLM's engine core stopped: its memory back before the CLI tests start theirs
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,13 @@ class Conversation:
     # The line's own decoding settings over the run's (an OpenAI Batch request's max_tokens, ...):
     # Sampling fields, and `seed` in place of generation.seed.
     settings: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    # Where the line starts in its file, and its place among the non-blank lines of every input
+    # file (from 0), which decides the shard that owns it: the conversation is found again by these.
+    offset: int = field(default=0, compare=False)
+    ordinal: int = field(default=0, compare=False)
+
+    def with_place(self, offset: int, ordinal: int) -> Conversation:
+        return dataclasses.replace(self, offset=offset, ordinal=ordinal)
 
     @property
     def where(self) -> str:

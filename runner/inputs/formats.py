@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -48,12 +49,13 @@ def parse_conversation(
     except UnicodeDecodeError as error:
         raise LineError("invalid_utf8", f"not valid UTF-8 at byte {error.start} of the line") from None
     try:
-        record = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constants)
+        record = _DECODER.decode(text)
     except json.JSONDecodeError as error:
         raise LineError("invalid_json", f"invalid JSON: {error.msg} (column {error.colno})") from None
     except RecursionError:
         raise LineError("too_deep", f"nested deeper than {MAX_DEPTH} levels of lists and objects") from None
-    _check_writable(record)
+    if _may_not_be_writable(raw):
+        _check_writable(record)
     if not isinstance(record, dict):
         raise LineError("not_an_object", f"expected a JSON object, got {_json_type(record)}")
     for key in RESERVED_KEYS:
@@ -73,8 +75,7 @@ def parse_conversation(
             conversation_id, messages, MappingProxyType(recorded), source, line, MappingProxyType(settings)
         )
     messages_key = FORMAT_KEYS[form]
-    default_id = record.get("question_id") if form is InputFormat.turns else None
-    conversation_id = record.get("id", default_id if default_id is not None else f"{source.name}:{line}")
+    conversation_id = _record_id(record, form, source, line)
     if isinstance(conversation_id, bool) or not isinstance(conversation_id, str | int):
         raise LineError(
             "invalid_id", f"'id' must be a string or an integer, got {_json_type(conversation_id)}"
@@ -84,6 +85,58 @@ def parse_conversation(
     messages = _validate_order(FORMAT_PARSERS[form](record.get(messages_key), messages_key))
     extra = {key: value for key, value in record.items() if key not in ("id", messages_key)}
     return Conversation(conversation_id, messages, MappingProxyType(extra), source, line)
+
+
+def claimed_id(raw: bytes, source: Path, line: int, form: InputFormat = InputFormat.auto) -> str | None:
+    """The id a line claims, as a string (1 and "1" print the same, so they are one id), read
+    without validating the line: what `parse_conversation` would give it, or None where no id can
+    be read. A line claims its id whether or not it is valid, so that every shard of a run, each
+    parsing only its own lines, agrees on which line holds an id first.
+
+    A line that opens with its `id` (as most writers put it) is read no further than that: the
+    first key of an object is a top-level key, so its value is the id, or the line is not valid."""
+    leading = _LEADING_ID.match(raw)
+    if leading and b'"custom_id"' not in raw:
+        text, number = leading.groups()
+        return text.decode("utf-8", "replace") if text is not None else str(int(number))
+    try:
+        record = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    if form is InputFormat.auto:
+        try:
+            form = _detect_format(record)
+        except LineError:
+            return None
+    value = (
+        record.get("custom_id")
+        if form is InputFormat.openai_batch
+        else _record_id(record, form, source, line)
+    )
+    if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
+        return None
+    return str(value)
+
+
+def _record_id(record: dict[str, Any], form: InputFormat, source: Path, line: int) -> Any:
+    """A conversation's id: `id`, else MT-bench's `question_id`, else `<file name>:<line>`."""
+    default_id = record.get("question_id") if form is InputFormat.turns else None
+    return record.get("id", default_id if default_id is not None else f"{source.name}:{line}")
+
+
+def _may_not_be_writable(raw: bytes) -> bool:
+    """Whether a line could hold what `_check_writable` refuses: fewer brackets than MAX_DEPTH cannot
+    nest that deep, and a lone surrogate can only come from a \\uD800-\\uDFFF escape (the line is
+    valid UTF-8). Most lines have neither, and skip the walk over every value."""
+    return raw.count(b"[") + raw.count(b"{") > MAX_DEPTH or _SURROGATE_ESCAPE.search(raw) is not None
+
+
+_LEADING_ID = re.compile(rb'\{\s*"id"\s*:\s*(?:"([^"\\]+)"|(-?(?:0|[1-9][0-9]*)))\s*[,}]')
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _check_writable(record: Any) -> None:
@@ -175,7 +228,11 @@ def _parse_entry(where: str, item: Any, role_key: str, text_key: str, roles: Map
     """One message object: exactly a role key and a text key, a known role, a valid text."""
     if not isinstance(item, dict):
         raise LineError("invalid_message", f"{where}: expected an object, got {_json_type(item)}")
-    unknown = sorted(set(item) - {role_key, text_key})
+    unknown = (
+        []
+        if len(item) == 2 and role_key in item and text_key in item
+        else sorted(set(item) - {role_key, text_key})
+    )
     if unknown:
         raise LineError(
             "invalid_message", f"{where}: unsupported key(s) {unknown} (only {role_key!r} and {text_key!r})"
@@ -209,20 +266,24 @@ def _text(where: str, content: Any, key: str = "content") -> str:
     """A message text: a non-empty string (its encoding was checked with the whole record)."""
     if not isinstance(content, str):
         raise LineError("invalid_content", f"{where}: {key!r} must be a string, got {_json_type(content)}")
-    if not content.strip():
+    if not content or content.isspace():
         raise LineError("empty_content", f"{where}: {key!r} is empty")
     return content
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    duplicates = sorted(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
-    if duplicates:
+    unique = dict(pairs)
+    if len(unique) < len(pairs):
+        duplicates = sorted(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
         raise LineError("duplicate_key", f"duplicate JSON key(s) {duplicates} in one object")
-    return dict(pairs)
+    return unique
 
 
 def _no_constants(name: str) -> None:
     raise LineError("non_finite_number", f"{name} is not valid JSON (use null or a string)")
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_no_constants)
 
 
 def _json_type(value: Any) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from runner.config.schema import InputFormat
 from runner.errors import InputError
 from runner.inputs.conversation import Conversation
-from runner.inputs.formats import parse_conversation
+from runner.inputs.formats import claimed_id, parse_conversation
 from runner.inputs.rejects import RAW_PREFIX_BYTES, LineError, Rejected
 
 MAX_LINE_BYTES = 16 * 2**20
@@ -104,35 +104,71 @@ def load_conversations(
 def read_conversations(
     files: Iterable[Path], form: InputFormat = InputFormat.auto, max_line_bytes: int = MAX_LINE_BYTES
 ) -> tuple[list[Conversation], list[Rejected]]:
-    """Every valid conversation of every file, and every invalid line with its reason, in file order.
-
-    Ids are unique across the whole run: 1 and "1" collide (they print the same), and every later
-    occurrence is rejected, naming the first.
-    """
+    """Every valid conversation of every file, and every invalid line with its reason, in file order."""
     conversations: list[Conversation] = []
     rejected: list[Rejected] = []
-    first_seen: dict[str, str] = {}
-    for path in files:
-        for line_number, raw, whole in _numbered_lines(path, max_line_bytes):
+    for item in scan_conversations(files, form, max_line_bytes):
+        (conversations if isinstance(item, Conversation) else rejected).append(item)
+    return conversations, rejected
+
+
+def scan_conversations(
+    files: Iterable[Path],
+    form: InputFormat = InputFormat.auto,
+    max_line_bytes: int = MAX_LINE_BYTES,
+    shard: tuple[int, int] = (0, 1),
+) -> Iterator[Conversation | Rejected]:
+    """One streaming pass: each valid conversation, and each invalid line with its reason, of the
+    lines shard (index, count) owns (the non-blank lines of all files, counted from 0, whose number
+    modulo count is index), in file order. Memory holds one line at a time, and the ids seen.
+
+    Ids are unique across the whole run: 1 and "1" collide (they print the same), and a line with
+    an id an earlier line holds (valid or not) is rejected, naming the first. Lines of other shards
+    are only read for their id: a shard parses and checks its own lines alone.
+    """
+    index, count = shard
+    first_seen: dict[str, int] = {}  # str(id) -> (file number << 32) | line
+    ordinal = -1
+    files = list(files)
+    for number, path in enumerate(files):
+        for line_number, offset, raw, whole in _numbered_lines(path, max_line_bytes):
+            ordinal += 1
+            if ordinal % count != index:
+                claimed = None if whole is not None else claimed_id(raw, path, line_number, form)
+                if claimed is not None:
+                    first_seen.setdefault(claimed, number << 32 | line_number)
+                continue
             if whole is not None:  # longer than max_line_bytes: only its start was read
                 limit = f"input.max_line_bytes={max_line_bytes}"
                 message = f"line of {whole[0]} bytes, longer than {limit} (not parsed)"
-                reject = Rejected(path, line_number, None, "line_too_long", message, raw, *whole)
-                rejected.append(reject)
+                yield Rejected(path, line_number, None, "line_too_long", message, raw, *whole)
                 continue
             try:
                 conversation = parse_conversation(raw, path, line_number, form)
             except LineError as error:
-                rejected.append(Rejected.of(path, line_number, _id_of(raw), error.code, str(error), raw))
+                claimed = claimed_id(raw, path, line_number, form)
+                if claimed is not None:
+                    first_seen.setdefault(claimed, number << 32 | line_number)
+                yield Rejected.of(path, line_number, _id_of(raw), error.code, str(error), raw)
                 continue
             key = str(conversation.id)
-            if key in first_seen:
-                message = f"duplicate id {key!r} (first at {first_seen[key]})"
-                rejected.append(Rejected.of(path, line_number, conversation.id, "duplicate_id", message, raw))
+            first = first_seen.setdefault(key, number << 32 | line_number)
+            if first != number << 32 | line_number:
+                where = f"{files[first >> 32]}:{first & 0xFFFFFFFF}"
+                message = f"duplicate id {key!r} (first at {where})"
+                yield Rejected.of(path, line_number, conversation.id, "duplicate_id", message, raw)
                 continue
-            first_seen[key] = conversation.where
-            conversations.append(conversation)
-    return conversations, rejected
+            yield conversation.with_place(offset, ordinal)
+
+
+def read_line(path: Path, offset: int, max_line_bytes: int = MAX_LINE_BYTES) -> bytes:
+    """The line that starts at `offset` in `path`, as `scan_conversations` read it."""
+    with path.open("rb") as stream:
+        stream.seek(offset)
+        raw = stream.readline(max_line_bytes + 2)
+    if offset == 0 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    return raw.rstrip(b"\r\n")
 
 
 def _id_of(raw: bytes) -> str | int | None:
@@ -149,8 +185,10 @@ def _id_of(raw: bytes) -> str | int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _numbered_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, bytes, tuple[int, str] | None]]:
-    """Yield (1-based line number, raw bytes, None) for non-blank lines; split on b"\n" only.
+def _numbered_lines(
+    path: Path, max_line_bytes: int
+) -> Iterator[tuple[int, int, bytes, tuple[int, str] | None]]:
+    """Yield (1-based line number, byte offset, raw bytes, None) for non-blank lines; split on b"\n" only.
 
     Binary reading keeps U+2028 and other Unicode line separators inside their record, a CRLF
     line end loses its "\r", and a UTF-8 byte-order mark at the start of the file is dropped. A
@@ -158,18 +196,21 @@ def _numbered_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, byte
     its first bytes with (its whole length, its sha256) in place of None, for the caller to reject.
     """
     with path.open("rb") as stream:
-        line_number = 0
+        line_number, offset, start = 0, 0, 0
         while raw := stream.readline(max_line_bytes + 2):
             line_number += 1
+            start, offset = offset, offset + len(raw)
             if len(raw) == max_line_bytes + 2 and not raw.endswith(b"\n"):  # longer still: read on
                 digest, length = hashlib.sha256(raw), len(raw)
                 while (rest := stream.readline(1 << 20)) and not rest.endswith(b"\n"):
                     digest.update(rest)
                     length += len(rest)
+                offset += length - len(raw) + len(rest)
                 rest = rest.rstrip(b"\r\n")
                 digest.update(rest)
                 yield (
                     line_number,
+                    start,
                     raw[: min(max_line_bytes + 1, RAW_PREFIX_BYTES)],
                     (
                         length + len(rest),
@@ -181,4 +222,4 @@ def _numbered_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, byte
                 raw = raw[3:]
             raw = raw.rstrip(b"\r\n")
             if raw.strip():
-                yield line_number, raw, None
+                yield line_number, start, raw, None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -30,25 +31,28 @@ DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 def read_records(path: Path, *, torn_tail: bool = False) -> list[dict[str, Any]]:
     """Every record of a JSONL file the runner wrote; anything but whole JSON objects is an error
     naming the line. `torn_tail`: a last line without its newline that does not parse is left out."""
+    return list(iter_records(path, torn_tail=torn_tail))
+
+
+def iter_records(path: Path, *, torn_tail: bool = False) -> Iterator[dict[str, Any]]:
+    """`read_records`, one record at a time: memory holds one line."""
     try:
-        data = path.read_bytes()
+        stream = path.open("rb")
     except OSError as error:
         raise RunnerError(f"{path}: cannot read it ({error.strerror or error})") from None
-    lines = data.split(b"\n")
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            if torn_tail and number == len(lines):  # no newline after it: not (yet) finished
-                break
-            raise RunnerError(f"{path}:{number}: not a whole JSON record") from None
-        if not isinstance(record, dict):
-            raise RunnerError(f"{path}:{number}: not a JSON object")
-        records.append(record)
-    return records
+    with stream:
+        for number, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+                if torn_tail and not line.endswith(b"\n"):  # the last line, not (yet) finished
+                    return
+                raise RunnerError(f"{path}:{number}: not a whole JSON record") from None
+            if not isinstance(record, dict):
+                raise RunnerError(f"{path}:{number}: not a JSON object")
+            yield record
 
 
 def is_run_dir(path: Path) -> bool:

@@ -7,12 +7,14 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from runner.errors import RunnerError
 from runner.rundir.layout import MANIFEST
-from runner.rundir.reader import read_records
+from runner.rundir.reader import iter_records, read_records
 from runner.rundir.writer import write_jsonl_atomically
 
 log = logging.getLogger(__name__)
@@ -68,22 +70,55 @@ def _changed(old: Any, new: Any, key: str = "") -> list[tuple[str, Any, Any]]:
     return [] if old == new else [(key, old, new)]
 
 
-def completed_records(path: Path) -> list[dict[str, Any]]:
-    """The whole records of a chats file left by an interrupted run.
-
-    A torn last line (a crash mid-write) is moved aside to `<file>.corrupt-<offset>` and cut off,
-    so that its conversation is generated again, once.
-    """
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    whole = data.rfind(b"\n") + 1
-    if whole < len(data):
-        path.with_name(f"{path.name}.corrupt-{whole}").write_bytes(data[whole:])
-        with path.open("r+b") as stream:
+def cut_torn_tail(path: Path) -> None:
+    """A torn last line (a crash mid-write) is moved aside to `<file>.corrupt-<offset>` and cut off,
+    so that its conversation is generated again, once."""
+    with path.open("r+b") as stream:
+        whole, size = _whole_length(stream), stream.seek(0, os.SEEK_END)
+        if whole < size:
+            stream.seek(whole)
+            path.with_name(f"{path.name}.corrupt-{whole}").write_bytes(stream.read())
             stream.truncate(whole)
             os.fsync(stream.fileno())
-    return read_records(path)
+
+
+def _whole_length(stream: BinaryIO) -> int:
+    """The bytes up to and including the file's last newline, read from its end a MiB at a time."""
+    position = stream.seek(0, os.SEEK_END)
+    while position > 0:
+        start = max(0, position - (1 << 20))
+        stream.seek(start)
+        newline = stream.read(position - start).rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        position = start
+    return 0
+
+
+@dataclass(frozen=True)
+class KeptRecords:
+    """The complete records an earlier session left in one chats file, each once and in input
+    order; iterating reads them one at a time."""
+
+    path: Path
+    count: int
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter_records(self.path)
+
+
+def kept_records(path: Path, order: dict[tuple[str, int], int]) -> KeptRecords:
+    """A chats file an interrupted session left, made whole (a torn tail cut) and checked in one
+    streaming pass; rewritten (`repair_order`, records in memory) only where it needs it."""
+    cut_torn_tail(path)
+    count, last, in_order = 0, -1, True
+    for record in iter_records(path):
+        place = order.get((str(record["id"]), record["replay"]["sample"]), -1)
+        in_order = in_order and place > last  # unknown, repeated or out of order: repair
+        count, last = count + 1, place
+    if not in_order:
+        count = len(repair_order(path, read_records(path), order))
+    return KeptRecords(path, count)
 
 
 def repair_order(
@@ -120,10 +155,10 @@ def previous_records(
     run_dir: Path,
     paths: dict[Path, Path],
     run_manifest: dict[str, Any],
-    order: dict[tuple[str, int], int],
+    order: Callable[[], dict[tuple[str, int], int]],
     *,
     resume: bool,
-) -> list[dict[str, Any]]:
+) -> list[KeptRecords]:
     """What an interrupted session of this run left, when resuming (each record once, in input
     order); refuse to write over a run otherwise. A job SLURM requeued (SLURM_RESTART_COUNT set)
     resumes its own run dir without being asked.
@@ -131,7 +166,10 @@ def previous_records(
     Args:
         paths: each input file's chats file.
         run_manifest: this run's manifest, which the one in the dir must match.
-        order: (str(id), sample) of each conversation sample of this run -> its place in input order.
+        order: gives (str(id), sample) of each conversation sample of this run -> its place in
+            input order; called only when there are records to put in order.
+
+    Returns what each chats file keeps.
     """
     existing = [path for path in dict.fromkeys(paths.values()) if path.exists()]
     restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
@@ -149,4 +187,5 @@ def previous_records(
         log.info("resume=true: %s holds no records yet, so the run starts from the beginning", run_dir)
         return []
     check_resumable(run_dir, run_manifest)
-    return [record for path in existing for record in repair_order(path, completed_records(path), order)]
+    places = order() if existing else {}
+    return [kept_records(path, places) for path in existing]

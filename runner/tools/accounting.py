@@ -127,7 +127,8 @@ def account(job: Job) -> Account:
         conversations = run.input_conversations()
         known = conversations is not None
         shard = run.config.get("shard") or {}
-        for conversation in (conversations or [])[shard.get("index", 0) :: shard.get("count", 1)]:
+        index, count = shard.get("index", 0), shard.get("count", 1)
+        for conversation in (c for c in conversations or [] if c.ordinal % count == index):
             stem = conversation.source.stem
             if (stem, str(conversation.id)) not in grouped:
                 message = f"{conversation.where}: not replayed: the run stopped before it ({status_of(run)})"

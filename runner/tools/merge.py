@@ -218,7 +218,7 @@ def _verified_records(
     paths = chat_paths(shard.path, files)
     names = {source: str(path.relative_to(shard.path)) for source, path in paths.items()}
     expected: dict[str, dict[Key, Conversation]] = {name: {} for name in names.values()}
-    for conversation in conversations[shard.index :: count]:
+    for conversation in (c for c in conversations if c.ordinal % count == shard.index):
         if (str(conversation.source), conversation.line) not in refused:
             for sample in range(samples):
                 expected[names[conversation.source]][(str(conversation.id), sample)] = conversation
