@@ -206,11 +206,14 @@ class ConversationReplay:
         )
 
 
+REPLY_PLACEHOLDER = "..."  # a generated reply in a conversation's final shape
+
+
 def final_shape(conversation: Conversation, mode: ReplayMode, *, fold: bool) -> tuple[Message, ...]:
     """The messages a replay ends with, replies as placeholders: what to check a chat template on."""
     replay = ConversationReplay(conversation, mode, run_seed=0, sample=0, fold=fold)
     while not replay.done:
-        replay.record(Reply("...", 0, 0, "stop", 0.0, 0.0))
+        replay.record(Reply(REPLY_PLACEHOLDER, 0, 0, "stop", 0.0, 0.0))
     history = tuple(replay.history)
     return fold_system_message(history) if replay.fold else history
 

@@ -11,14 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner.config.schema import OnError, RunConfig
+from runner.config.schema import OnError, ReplayMode, RunConfig
 from runner.engines.chat_template import template_supports_system_role, template_tokens
 from runner.errors import InputError
 from runner.inputs.conversation import Conversation
 from runner.inputs.reader import resolve_input_files, scan_conversations
 from runner.inputs.rejects import Rejected
 from runner.inputs.store import StoredConversations
-from runner.replay import final_shape, replies_to_generate
+from runner.replay import REPLY_PLACEHOLDER, final_shape, replies_to_generate
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,10 @@ class Workload:
     def add(self, conversation: Conversation, cfg: RunConfig) -> None:
         """Hold an accepted conversation of the input pass, and count it in."""
         position = self.conversations.add(conversation)
-        self.replies += replies_to_generate(conversation, cfg.replay.mode)
+        replies = replies_to_generate(conversation, cfg.replay.mode)
+        self.replies += replies
         self.has_system = self.has_system or conversation.messages[0].role == "system"
-        entry = (_estimated_length(conversation, cfg), position)
+        entry = (_estimated_length(conversation, replies, cfg), position)
         if len(self.longest) < LONGEST_SAMPLE:
             heapq.heappush(self.longest, entry)
         else:
@@ -178,9 +179,12 @@ def max_new_tokens(conversation: Conversation, cfg: RunConfig) -> int:
     return conversation.settings.get("max_new_tokens", cfg.generation.max_new_tokens)
 
 
-def _estimated_length(conversation: Conversation, cfg: RunConfig) -> int:
+def _estimated_length(conversation: Conversation, replies: int, cfg: RunConfig) -> int:
     """A conversation's final length in tokens without a tokenizer: characters / 3 (English runs
-    near 4 a token), a few tokens of template per message, max_new_tokens per reply."""
-    messages = final_shape(conversation, cfg.replay.mode, fold=False)
-    replies = replies_to_generate(conversation, cfg.replay.mode)
-    return sum(len(m.content) // 3 + 8 for m in messages) + replies * max_new_tokens(conversation, cfg)
+    near 4 a token) and a few tokens of template per message, over the messages the replay ends
+    with (regenerate drops the input's replies), and a placeholder plus max_new_tokens per reply."""
+    messages = conversation.messages
+    if cfg.replay.mode is not ReplayMode.gold_history:
+        messages = tuple(message for message in messages if message.role != "assistant")
+    per_reply = len(REPLY_PLACEHOLDER) // 3 + 8 + max_new_tokens(conversation, cfg)
+    return sum(len(message.content) // 3 + 8 for message in messages) + replies * per_reply

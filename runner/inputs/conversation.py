@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +39,6 @@ class Conversation:
     # file (from 0), which decides the shard that owns it: the conversation is found again by these.
     offset: int = field(default=0, compare=False)
     ordinal: int = field(default=0, compare=False)
-
-    def with_place(self, offset: int, ordinal: int) -> Conversation:
-        return dataclasses.replace(self, offset=offset, ordinal=ordinal)
 
     @property
     def where(self) -> str:

@@ -41,9 +41,16 @@ SHAREGPT_ROLES = {
 
 
 def parse_conversation(
-    raw: bytes, source: Path, line: int, form: InputFormat = InputFormat.auto
+    raw: bytes,
+    source: Path,
+    line: int,
+    form: InputFormat = InputFormat.auto,
+    *,
+    offset: int = 0,
+    ordinal: int = 0,
 ) -> Conversation:
-    """One JSONL line -> a validated Conversation, or LineError saying what is wrong."""
+    """One JSONL line -> a validated Conversation, or LineError saying what is wrong (`offset`,
+    `ordinal`: where the line is, see Conversation)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -72,7 +79,14 @@ def parse_conversation(
         conversation_id, entries, settings, recorded = openai_batch.parse_request(record)
         messages = _validate_order(FORMAT_PARSERS[InputFormat.messages](entries, "body.messages"))
         return Conversation(
-            conversation_id, messages, MappingProxyType(recorded), source, line, MappingProxyType(settings)
+            conversation_id,
+            messages,
+            MappingProxyType(recorded),
+            source,
+            line,
+            MappingProxyType(settings),
+            offset,
+            ordinal,
         )
     messages_key = FORMAT_KEYS[form]
     conversation_id = _record_id(record, form, source, line)
@@ -84,7 +98,9 @@ def parse_conversation(
         raise LineError("invalid_id", "'id' is empty")
     messages = _validate_order(FORMAT_PARSERS[form](record.get(messages_key), messages_key))
     extra = {key: value for key, value in record.items() if key not in ("id", messages_key)}
-    return Conversation(conversation_id, messages, MappingProxyType(extra), source, line)
+    return Conversation(
+        conversation_id, messages, MappingProxyType(extra), source, line, offset=offset, ordinal=ordinal
+    )
 
 
 def claimed_id(raw: bytes, source: Path, line: int, form: InputFormat = InputFormat.auto) -> str | None:

@@ -144,7 +144,9 @@ def scan_conversations(
                 yield Rejected(path, line_number, None, "line_too_long", message, raw, *whole)
                 continue
             try:
-                conversation = parse_conversation(raw, path, line_number, form)
+                conversation = parse_conversation(
+                    raw, path, line_number, form, offset=offset, ordinal=ordinal
+                )
             except LineError as error:
                 claimed = claimed_id(raw, path, line_number, form)
                 if claimed is not None:
@@ -158,7 +160,7 @@ def scan_conversations(
                 message = f"duplicate id {key!r} (first at {where})"
                 yield Rejected.of(path, line_number, conversation.id, "duplicate_id", message, raw)
                 continue
-            yield conversation.with_place(offset, ordinal)
+            yield conversation
 
 
 def read_line(path: Path, offset: int, max_line_bytes: int = MAX_LINE_BYTES) -> bytes:

@@ -46,23 +46,23 @@ class StoredConversations:
     def positions(self) -> Iterator[int]:
         return (position for position in range(len(self._file)) if position not in self._dropped)
 
-    def source(self, position: int) -> Path:
-        return self.files[self._file[position]]
-
     def ordinal(self, position: int) -> int:
         return self._ordinal[position]
 
     def __getitem__(self, position: int) -> Conversation:
         """The conversation at `position` (of `positions()`), read and parsed again."""
         path, line = self.files[self._file[position]], self._line[position]
-        raw = read_line(path, self._offset[position], self._max_line_bytes)
+        offset, ordinal = self._offset[position], self._ordinal[position]
         try:
-            conversation = parse_conversation(raw, path, line, self._form)
+            raw = read_line(path, offset, self._max_line_bytes)
+            conversation = parse_conversation(raw, path, line, self._form, offset=offset, ordinal=ordinal)
         except LineError as error:
             raise InputError([f"{path}:{line}: changed since the run read it ({error})"]) from None
+        except OSError as error:
+            raise InputError([f"{path}: cannot read it again ({error.strerror or error})"]) from None
         if str(conversation.id) != self.ids[position]:
             raise InputError([f"{path}:{line}: changed since the run read it (id {conversation.id!r})"])
-        return conversation.with_place(self._offset[position], self._ordinal[position])
+        return conversation
 
     def __iter__(self) -> Iterator[Conversation]:
         return (self[position] for position in self.positions())
