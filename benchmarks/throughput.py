@@ -60,6 +60,8 @@ CONTENDERS = {
     "pipeline": "python -m runner engine=pipeline",
     "continuous": "python -m runner (engine=continuous)",
     "batch1": "python -m runner engine.batch_size=1",
+    "int8": "python -m runner quant=int8 (bitsandbytes LLM.int8 weights)",
+    "int4": "python -m runner quant=int4 (bitsandbytes NF4 weights)",
     "lookup": "python -m runner generation.prompt_lookup_num_tokens=N (batch 1)",
     "llama": "llama.cpp's llama-server, F32, N slots, N concurrent clients of the benchmark's own",
     "openai": "the same llama-server, the runner as its client: engine=openai engine.concurrency=N",
@@ -192,6 +194,8 @@ def run_contender(args: argparse.Namespace) -> dict:
     ]
     if args.child == "continuous" and args.batch_size:
         overrides.append(f"engine.batch_size={args.batch_size}")
+    if args.child in ("int8", "int4"):
+        overrides.append(f"quant={args.child}")
     if args.child in ("batch1", "lookup"):
         overrides.append("engine.batch_size=1")
     if args.child == "lookup":
@@ -202,7 +206,7 @@ def run_contender(args: argparse.Namespace) -> dict:
     conversations = load_conversations(files)[: args.conversations]
 
     load_start = time.perf_counter()
-    chat_engine = load_engine(cfg, Workload(files, conversations, [])).engine  # as the runner loads it
+    chat_engine = load_engine(cfg, Workload.of(conversations, cfg)).engine  # as the runner loads it
     load_seconds = time.perf_counter() - load_start
 
     start = time.perf_counter()

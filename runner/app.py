@@ -42,7 +42,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
                     paths = open_run_dir(cfg, run_dir, workload)
                     return _replay_locked(cfg, run_dir, workload, paths, started)
                 except (KeyboardInterrupt, Interrupted) as stop:  # with the dir held, before the replay
-                    kept = len(workload.kept)
+                    kept = workload.kept_records
                     summary = Summary("interrupted", records=kept, records_kept_from_before=kept)
                     write_json_atomically(run_dir / SUMMARY, summary.to_json())
                     raise _interrupted(stop, kept, run_dir) from None
@@ -99,7 +99,7 @@ def _replay_loaded(
         len(workload.conversations),
         len(workload.files),
         workload.planned_replies(cfg),
-        f"; resuming with {len(workload.kept)} record(s) kept" if cfg.resume else "",
+        f"; resuming with {workload.kept_records} record(s) kept" if cfg.resume else "",
     )
     rejects = len(workload.rejected)
     replayed = record_replay(cfg, loaded.engine, workload, paths)

@@ -72,7 +72,7 @@ class Replayed:
 def record_replay(cfg: RunConfig, engine: Engine, workload: Workload, paths: dict[Path, Path]) -> Replayed:
     """Replay the workload into its chats files (`paths`: input file -> chats file), skipping the
     records an earlier session kept."""
-    replayed = Replayed(Tally(), sum(kept.count for kept in workload.kept))
+    replayed = Replayed(Tally(), workload.kept_records)
     start = time.perf_counter()
     try:
         with ChatWriter(paths) as writer:

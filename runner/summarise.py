@@ -84,8 +84,8 @@ def summarise(
 
 
 def log_done(summary: Summary, replayed: Replayed, run_dir: Path) -> None:
-    """The closing lines: the roofline, speculation, requests, counts by outcome, speed, where to
-    read them."""
+    """The closing lines: the roofline, speculation, requests, counts by outcome, speed, a CPU
+    quantization's speed note, where to read them."""
     if summary.roofline:
         roofline = summary.roofline
         log.info(
@@ -128,6 +128,8 @@ def log_done(summary: Summary, replayed: Replayed, run_dir: Path) -> None:
         summary.replay_seconds,
         summary.tokens_per_second,
     )
+    if summary.memory_plan and summary.memory_plan.get("speed_note"):
+        log.info("%s; this run: %.1f tokens/s", summary.memory_plan["speed_note"], summary.tokens_per_second)
     log.info("outputs: %s", run_dir)
     log.info("read them: python -m runner.view %s", run_dir)
 

@@ -19,6 +19,7 @@ from runner.inputs.reader import resolve_input_files, scan_conversations
 from runner.inputs.rejects import Rejected
 from runner.inputs.store import StoredConversations
 from runner.replay import REPLY_PLACEHOLDER, final_shape, replies_to_generate
+from runner.rundir.resume import KeptRecords
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +43,22 @@ class Workload:
     files: list[Path]
     conversations: StoredConversations  # this shard's, in input order
     rejected: list[Rejected]
-    kept: list[tuple[Path, dict[str, Any]]] = field(default_factory=list)  # (chats file, record) on resume
+    kept: list[KeptRecords] = field(default_factory=list)  # what an earlier session left, per chats file
     context_tokens: int = 0  # the longest conversation's final length, replies included
     context_from: str = ""  # how context_tokens was found
     replies: int = 0  # replies to generate per sample, over every conversation
     has_system: bool = False  # a conversation starts with a system message
     longest: list[tuple[int, int]] = field(default_factory=list)  # (estimated length, position), a heap
     check_template: Callable[[Conversation], str | None] | None = None  # as the replay reaches each
+
+    @classmethod
+    def of(cls, conversations: list[Conversation], cfg: RunConfig) -> Workload:
+        """A workload of conversations read elsewhere (`read_conversations`: the first N of a file)."""
+        files = list(dict.fromkeys(conversation.source for conversation in conversations))
+        workload = cls(files, StoredConversations(files, cfg.input.format, cfg.input.max_line_bytes), [])
+        for conversation in conversations:
+            workload.add(conversation, cfg)
+        return workload
 
     def add(self, conversation: Conversation, cfg: RunConfig) -> None:
         """Hold an accepted conversation of the input pass, and count it in."""
@@ -61,6 +71,10 @@ class Workload:
             heapq.heappush(self.longest, entry)
         else:
             heapq.heappushpop(self.longest, entry)
+
+    @property
+    def kept_records(self) -> int:
+        return sum(kept.count for kept in self.kept)
 
     def planned_replies(self, cfg: RunConfig) -> int:
         """Replies the whole run generates (kept records included), for progress totals."""

@@ -203,3 +203,30 @@ def test_the_plan_reserves_each_requests_own_max_tokens(compose_config, write_js
     measure_with_template(workload, tokenizer, cfg)
     rendered = template_tokens(tokenizer, final_shape(workload.conversations[0], cfg.replay.mode, fold=False))
     assert workload.context_tokens == rendered + 8000  # the rendered chat, its reply budget on top
+
+
+@pytest.mark.parametrize(("quant", "figure"), [("int8", "0.59x"), ("int4", "0.98x")])
+def test_a_quantization_no_faster_on_a_cpu_says_so_in_the_plan_with_its_figure(compose_config, quant, figure):
+    from runner.planning.plan import CPU_QUANT_SPEED
+
+    assert f"{CPU_QUANT_SPEED[quant]:.2f}x" == figure
+    plan = plan_for(compose_config, LAPTOP, "model=llama3_8b", f"quant={quant}")
+    assert plan.speed_note.startswith(f"quant={quant} shrinks the weights but is no faster on a CPU")
+    assert f"at {figure} fp32's tokens/s" in plan.speed_note and f"  note: {plan.speed_note}" in plan.lines()
+    assert (
+        plan_for(compose_config, H100, "model=llama3_8b", f"quant={quant}", "device=cuda").speed_note is None
+    )
+    assert plan_for(compose_config, LAPTOP, "model=llama3_8b").speed_note is None
+
+
+@pytest.mark.slow
+def test_a_quantized_cpu_run_closes_with_the_note_and_its_own_speed(write_jsonl, tmp_path):
+    source = write_jsonl([{"id": "a", "messages": [{"role": "user", "content": "Hi."}]}])
+    done = run_cli(
+        "quant=int8", f"input.path={source}", "generation.max_new_tokens=2", f"hydra.run.dir={tmp_path}"
+    )
+    assert done.returncode == 0, done.stderr
+    assert re.search(
+        r"quant=int8 shrinks the weights but is no faster on a CPU: .*; this run: [\d.]+ tokens/s",
+        done.stderr,
+    )

@@ -59,6 +59,7 @@ class MemoryPlan:
     advice: str | None
     fitting_batch: int | None  # the largest smaller batch that fits, if the batch is what does not
     usable_fraction: float = USABLE_FRACTION  # of the devices' free memory, for weights and KV cache
+    speed_note: str | None = None  # a quantization that is slower than fp32 here, with the figure
 
     @property
     def fits(self) -> bool:
@@ -85,6 +86,8 @@ class MemoryPlan:
             f"({self.usable_fraction:.0%} of {devices})",
             f"  verdict: {self.verdict_text()}",
         ]
+        if self.speed_note:
+            lines.append(f"  note: {self.speed_note}")
         return lines
 
     def verdict_text(self) -> str:
@@ -174,6 +177,25 @@ def make_plan(
         advice=advice,
         fitting_batch=batch,
         usable_fraction=usable_fraction,
+        speed_note=cpu_quant_note(quant.method.value) if set(devices) == {"cpu"} else None,
+    )
+
+
+# bitsandbytes' CPU kernels decode no faster than fp32 weights through oneDNN: tokens/s of the
+# continuous engine as a fraction of fp32's, medians of `benchmarks/throughput.py --workloads forced
+# --contenders continuous,int8,int4 --repeats 3` on 2026-12-03 (16 MT-bench conversations, 64 tokens
+# a reply, a 2-core x86 CPU): fp32 152.9, int8 90.3, int4 150.4 tokens/s.
+CPU_QUANT_SPEED = {"int8": 0.59, "int4": 0.98}
+
+
+def cpu_quant_note(quant: str) -> str | None:
+    """One sentence for a quantization no faster than fp32 on a CPU, with the figure."""
+    ratio = CPU_QUANT_SPEED.get(quant)
+    if ratio is None or ratio >= 1:
+        return None
+    return (
+        f"quant={quant} shrinks the weights but is no faster on a CPU: bitsandbytes decodes at "
+        f"{ratio:.2f}x fp32's tokens/s (measured on a 2-core CPU by benchmarks/throughput.py)"
     )
 
 
