@@ -12,7 +12,8 @@ replies equal the seed's, and for the continuous engine the time of one decoding
 step's time goes (decode forward, prefill forward, sampling, scheduling). `--scaling N` adds the
 continuous engine on the first N conversations: its tokens/s should not fall below the smaller run's.
 The speculative rows compare batch-1 latency per turn with prompt lookup (`lookup`) against batch 1
-without it (`batch1`).
+without it (`batch1`). `int8` and `int4` are the continuous engine with `quant=int8` / `quant=int4`
+(bitsandbytes), for their speed against fp32's.
 
 `--llama-server PATH --llama-model F32.gguf` adds llama.cpp's server, as its users run it: `--llama-slots`
 slots (default the conversation count) of `--llama-context` tokens each (1024), the prompt cache on,
