@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import PROJECT, chat
 from test_cli import STRICT_TEMPLATE
+from test_sweeps import records_without_timings
 
 from runner.config.compose import to_run_config
 from runner.inputs.reader import read_conversations
@@ -157,7 +158,7 @@ def test_a_shard_of_100k_lines_is_killed_and_resumed_into_what_one_session_write
     common = [f"input.path={source}", "shard.count=20000", "shard.index=7", "generation.max_new_tokens=3"]
     whole = tmp_path / "whole"
     finished(runner_process(*common, f"hydra.run.dir={whole}"))
-    expected = without_timings(whole / "chats" / "big.jsonl")
+    expected = records_without_timings(whole / "chats" / "big.jsonl")
     assert [r["id"] for r in expected] == [f"c{n:06d}" for n in range(7, 100_000, 20_000)]
 
     run_dir = tmp_path / "killed"
@@ -171,17 +172,9 @@ def test_a_shard_of_100k_lines_is_killed_and_resumed_into_what_one_session_write
     kept = chats.read_bytes().count(b"\n")
     resumed = finished(runner_process(*common, f"hydra.run.dir={run_dir}", "resume=true"))
     assert f"resuming with {kept} record(s) kept" in resumed
-    assert without_timings(chats) == expected
+    assert records_without_timings(chats) == expected
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["records"] == 5 and summary["records_kept_from_before"] == kept >= 1
-
-
-def without_timings(path: Path) -> list[dict]:
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    for record in records:
-        for turn in record["replay"]["turns"]:
-            del turn["seconds"], turn["first_token_seconds"]
-    return records
 
 
 @pytest.mark.slow
@@ -206,7 +199,7 @@ def test_shards_with_rejects_and_duplicates_between_them_merge_into_what_one_run
     )
     assert merged.returncode == 0, merged.stderr
     single, union = (tmp_path / name for name in ("single", "merged"))
-    assert without_timings(union / "chats" / "input.jsonl") == without_timings(
+    assert records_without_timings(union / "chats" / "input.jsonl") == records_without_timings(
         single / "chats" / "input.jsonl"
     )
 
