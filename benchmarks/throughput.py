@@ -13,7 +13,8 @@ step's time goes (decode forward, prefill forward, sampling, scheduling). `--sca
 continuous engine on the first N conversations: its tokens/s should not fall below the smaller run's.
 The speculative rows compare batch-1 latency per turn with prompt lookup (`lookup`) against batch 1
 without it (`batch1`). `int8` and `int4` are the continuous engine with `quant=int8` / `quant=int4`
-(bitsandbytes), for their speed against fp32's.
+(bitsandbytes), for their speed against fp32's. `graphs` is the continuous engine with
+`engine.cuda_graphs=true` (CUDA; benchmarks/gpu_check.sh runs it beside `continuous`).
 
 `--llama-server PATH --llama-model F32.gguf` adds llama.cpp's server, as its users run it: `--llama-slots`
 slots (default the conversation count) of `--llama-context` tokens each (1024), the prompt cache on,
@@ -60,6 +61,7 @@ CONTENDERS = {
     "seed": "bare TextGenerationPipeline loop, batch 1 (the seed's way)",
     "pipeline": "python -m runner engine=pipeline",
     "continuous": "python -m runner (engine=continuous)",
+    "graphs": "python -m runner engine.cuda_graphs=true (decode steps as CUDA graphs; CUDA only)",
     "batch1": "python -m runner engine.batch_size=1",
     "int8": "python -m runner quant=int8 (bitsandbytes LLM.int8 weights)",
     "int4": "python -m runner quant=int4 (bitsandbytes NF4 weights)",
@@ -193,8 +195,10 @@ def run_contender(args: argparse.Namespace) -> dict:
         f"generation.min_new_tokens={least}",
         *args.override,
     ]
-    if args.child == "continuous" and args.batch_size:
+    if args.child in ("continuous", "graphs") and args.batch_size:
         overrides.append(f"engine.batch_size={args.batch_size}")
+    if args.child == "graphs":
+        overrides.append("engine.cuda_graphs=true")
     if args.child in ("int8", "int4"):
         overrides.append(f"quant={args.child}")
     if args.child in ("batch1", "lookup"):
@@ -493,6 +497,7 @@ def report(results: dict[str, dict], bandwidth: float, args: argparse.Namespace,
             f"{what}"
         )
     head_to_head(results, "vllm", "vllm-loop", "engine=vllm against the hand loop")
+    head_to_head(results, "graphs", "continuous", "decode steps as CUDA graphs against eager ones")
     head_to_head(
         results, "openai", "llama", "the runner as llama-server's client against the benchmark's own clients"
     )

@@ -62,6 +62,15 @@ def embedded_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gpu_checkpoint(request: pytest.FixtureRequest) -> Path:
+    """The checkpoint the `gpu` tests run: CHAT_RUNNER_GPU_CHECKPOINT (benchmarks/gpu_check.sh sets
+    it to random weights of the embedded model's shape, where the real ones cannot travel), else
+    the embedded model."""
+    named = os.environ.get("CHAT_RUNNER_GPU_CHECKPOINT")
+    return Path(named) if named else request.getfixturevalue("embedded_dir")
+
+
+@pytest.fixture(scope="session")
 def smol_pipeline(embedded_dir: Path):
     """The embedded model in fp32 on CPU, loaded once for the engine tests."""
     from runner.engines.pipeline import ChatReplayPipeline
@@ -74,10 +83,11 @@ def smol_pipeline(embedded_dir: Path):
 @pytest.fixture(scope="session")
 def smol_model(embedded_dir: Path):
     """The embedded model in fp32 on CPU as engine=continuous loads it (its own copy: the continuous
-    engine routes fp32 linear layers through oneDNN, the pipeline keeps PyTorch's defaults)."""
+    engine joins projections and routes fp32 linear layers through oneDNN, the pipeline keeps
+    PyTorch's defaults)."""
     import torch
 
-    from runner.engines.continuous.cpu_linear import use_onednn_linear
+    from runner.engines.continuous import prepare_model
     from runner.model.loading import load_causal_lm
 
     load = {
@@ -87,7 +97,7 @@ def smol_model(embedded_dir: Path):
         "trust_remote_code": False,
     }
     model = load_causal_lm(load)
-    use_onednn_linear(model, rows=32)
+    prepare_model(model, rows=32)
     return model
 
 

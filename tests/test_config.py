@@ -85,7 +85,7 @@ def test_default_config(compose_config):
             "prompt_lookup_num_tokens": 0,
             "assistant_model": None,
         },
-        "engine": {"kind": "continuous", "batch_size": "auto", "prefill_chunk": 512},
+        "engine": {"kind": "continuous", "batch_size": "auto", "prefill_chunk": 512, "cuda_graphs": False},
         "input": {"path": "conversations", "format": "auto", "on_error": "fail", "max_line_bytes": 16777216},
         "replay": {"mode": "regenerate"},
         "shard": {"index": 0, "count": 1},

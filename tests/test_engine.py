@@ -12,6 +12,7 @@ import pytest
 from runner.config.schema import ReplayMode
 from runner.engines.chat_model import stop_token_ids
 from runner.engines.chat_template import template_supports_system_role
+from runner.engines.continuous.decode_graphs import buckets
 from runner.engines.continuous.engine import ContinuousEngine
 from runner.engines.continuous.scheduler import Phase
 from runner.engines.pipeline import PipelineEngine
@@ -80,10 +81,13 @@ def replay_texts(engine, conversations, run_seed=0):
     return [[m.content for m in result.messages] for result in results]
 
 
-def continuous(smol_model, smol_pipeline, batch_size=5, prefill_chunk=512, **sampling):
-    """A continuous engine over the embedded model; `sampling` overrides greedy, 16 new tokens."""
+def continuous(smol_model, smol_pipeline, batch_size=5, prefill_chunk=512, cuda_graphs=False, **sampling):
+    """A continuous engine over the embedded model; `sampling` overrides greedy, 16 new tokens.
+    `cuda_graphs` on a CPU runs the graphs' fixed-shape decode passes eagerly."""
     settings = Sampling(**{"max_new_tokens": 16, **sampling})
-    return ContinuousEngine(smol_model, smol_pipeline.tokenizer, settings, batch_size, prefill_chunk)
+    return ContinuousEngine(
+        smol_model, smol_pipeline.tokenizer, settings, batch_size, prefill_chunk, cuda_graphs=cuda_graphs
+    )
 
 
 def run_requests(engine, requests):
@@ -169,14 +173,28 @@ def test_continuous_greedy_replay_equals_the_pipeline_at_any_batch_size(smol_pip
         assert stats.prefix_mismatches == 0
         # The default system prompt's KV is copied between slots whenever two are in flight.
         assert (stats.shared_tokens > 0) == (batch_size > 1)
+    # engine.cuda_graphs' decode passes (rows padded to a bucket, each slot's whole capacity read),
+    # eagerly here: recording them as graphs needs a GPU (benchmarks/gpu_check.sh checks that).
+    for batch_size in (3, 32):
+        engine = continuous(smol_model, smol_pipeline, batch_size, cuda_graphs=True)
+        assert replay_texts(engine, DOZEN) == pipeline, f"fixed shapes, batch size {batch_size}"
+        assert not engine.graphs.record and len(engine.graphs.buckets) > 1
+
+
+def test_cuda_graph_buckets_cover_every_row_count_up_to_the_batch_size():
+    assert buckets(1) == [1]
+    assert buckets(5) == [1, 2, 4, 5]
+    assert buckets(16) == [1, 2, 4, 8, 16]
+    assert buckets(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert buckets(70) == [1, 2, 4, 8, 16, 32, 48, 64, 70]
 
 
 def test_seeded_sampling_is_the_same_at_any_batch_size_and_in_any_input_order(smol_pipeline, smol_model):
     knobs = {"do_sample": True, "temperature": 0.9, "top_k": 40, "top_p": 0.95, "max_new_tokens": 12}
     conversations = DOZEN[:8]
 
-    def by_id(batch_size, order, run_seed=0):
-        engine = continuous(smol_model, smol_pipeline, batch_size, **knobs)
+    def by_id(batch_size, order, run_seed=0, cuda_graphs=False):
+        engine = continuous(smol_model, smol_pipeline, batch_size, cuda_graphs=cuda_graphs, **knobs)
         results = replay_all(order, engine, ReplayMode.regenerate, run_seed=run_seed)
         return {r.conversation.id: [m.content for m in r.messages] for r in results}
 
@@ -184,6 +202,7 @@ def test_seeded_sampling_is_the_same_at_any_batch_size_and_in_any_input_order(sm
     assert by_id(3, conversations) == reference
     assert by_id(32, conversations) == reference
     assert by_id(32, conversations[::-1]) == reference
+    assert by_id(3, conversations, cuda_graphs=True) == reference  # decode passes padded to a bucket
     assert by_id(3, conversations, run_seed=1) != reference
 
 

@@ -227,6 +227,15 @@ class EngineConfig:
 
 
 @dataclass
+class ContinuousEngineConfig(EngineConfig):
+    """engine=continuous: the runner's own step-level engine."""
+
+    # Decode steps replayed as CUDA graphs, one per bucketed batch size (CUDA only; off until a
+    # GPU run has verified it: see the README).
+    cuda_graphs: bool = False
+
+
+@dataclass
 class VllmEngineConfig(EngineConfig):
     """engine=vllm: vLLM's own settings beside batch_size (its max running sequences)."""
 
@@ -396,7 +405,11 @@ GROUP_SCHEMAS = {
 
 
 # Engines with settings of their own: their YAML starts from `<engine>_engine_schema`.
-ENGINE_SCHEMAS = {"vllm": VllmEngineConfig, "openai": OpenAIEngineConfig}
+ENGINE_SCHEMAS = {
+    "continuous": ContinuousEngineConfig,
+    "vllm": VllmEngineConfig,
+    "openai": OpenAIEngineConfig,
+}
 
 
 def register_configs() -> None:

@@ -2,13 +2,14 @@
 
 engine.py is the thin engine, scheduler.py decides each step (admission, prefix sharing, slot
 compaction, the out-of-memory policy) as data, forward.py runs it through the model,
-slot_cache.py holds the KV cache, sampling.py picks each row's token, cpu_linear.py packs CPU weights.
+slot_cache.py holds the KV cache, sampling.py picks each row's token, cpu_linear.py packs CPU weights,
+decode_graphs.py records decode passes as CUDA graphs.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from runner.engines.protocol import Capabilities, Engine, Sampling
 
@@ -23,19 +24,34 @@ CAPABILITIES = Capabilities()
 
 def build(cfg: RunConfig, setup: EngineSetup) -> Engine:
     """The model alone (its fp32 CPU linears packed for oneDNN) behind the continuous engine."""
-    from runner.engines.continuous.cpu_linear import use_onednn_linear
     from runner.engines.continuous.engine import ContinuousEngine
     from runner.model.loading import load_causal_lm
 
     model = load_causal_lm(setup.arguments.load)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = setup.tokenizer.pad_token_id
-    if packed := use_onednn_linear(model, setup.batch_rows):
-        log.info("%d fp32 linear layers on the CPU run through oneDNN, their weights packed", packed)
+    prepare_model(model, setup.batch_rows)
+    devices = set((getattr(model, "hf_device_map", None) or {"": model.device}).values())
+    cuda_graphs = cfg.engine.cuda_graphs and model.device.type == "cuda" and len(devices) == 1
+    if cfg.engine.cuda_graphs and not cuda_graphs:
+        log.warning("engine.cuda_graphs needs the model on one CUDA device; this run decodes without graphs")
     return ContinuousEngine(
         model,
         setup.tokenizer,
         Sampling.from_config(cfg.generation),
         setup.batch_rows,
         cfg.engine.prefill_chunk,
+        cuda_graphs,
     )
+
+
+def prepare_model(model: Any, rows: int) -> None:
+    """The loaded model as the continuous engine runs it: q/k/v and gate/up projections joined into
+    one product each, then fp32 CPU linears packed for oneDNN, tuned for `rows` rows a pass."""
+    from runner.engines.continuous.cpu_linear import use_onednn_linear
+    from runner.engines.continuous.fused_projections import join_projections
+
+    if joined := join_projections(model):
+        log.info("%d groups of projections (q/k/v, gate/up) joined into one matrix product each", joined)
+    if packed := use_onednn_linear(model, rows):
+        log.info("%d fp32 linear layers on the CPU run through oneDNN, their weights packed", packed)

@@ -38,7 +38,7 @@ def use_onednn_linear(model: Any, rows: int) -> int:
         if type(module) is not torch.nn.Linear
         for parameter in module.parameters(recurse=False)
     }
-    mapped = _file_mappings()
+    mapped = file_mappings()
     packed = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
@@ -50,7 +50,7 @@ def use_onednn_linear(model: Any, rows: int) -> int:
         ):
             continue
         blocked = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
-        _release_pages(weight, mapped)
+        release_pages(weight, mapped)
         if weight.data_ptr() not in shared:
             module.weight = torch.nn.Parameter(blocked, requires_grad=False)
         module.forward = functools.partial(_packed_linear, blocked, module.bias)
@@ -62,7 +62,7 @@ def _packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, inputs: torc
     return torch.ops.mkldnn._linear_pointwise(inputs, weight, bias, "none", [], "")
 
 
-def _file_mappings() -> list[tuple[int, int]]:
+def file_mappings() -> list[tuple[int, int]]:
     """Address ranges of this process's private file mappings (Linux; empty elsewhere)."""
     try:
         with open("/proc/self/maps") as maps:
@@ -78,7 +78,7 @@ def _file_mappings() -> list[tuple[int, int]]:
     return ranges
 
 
-def _release_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
+def release_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
     """Drop the resident pages under a weight memory-mapped from a file once it is packed: otherwise
     they count in the process's memory until the whole file is unmapped. Only whole pages inside
     the tensor, and only of private file mappings: a page touched again reads back from the file,

@@ -28,6 +28,7 @@ import torch
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 
 from runner.engines.chat_model import ChatModel
+from runner.engines.continuous.decode_graphs import DecodeGraphs
 from runner.engines.continuous.forward import Forward
 from runner.engines.continuous.sampling import next_tokens
 from runner.engines.continuous.scheduler import RowState, Scheduler
@@ -67,7 +68,15 @@ class StepCounts:
 class ContinuousEngine(ChatModel):
     """Step-level replay over `batch_size` KV-cache slots (see the module docstring)."""
 
-    def __init__(self, model: Any, tokenizer: Any, sampling: Sampling, batch_size: int, prefill_chunk: int):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        sampling: Sampling,
+        batch_size: int,
+        prefill_chunk: int,
+        cuda_graphs: bool = False,
+    ):
         super().__init__(model, tokenizer)
         self.sampling, self.prefill_chunk = sampling, prefill_chunk
         self.device = model.device
@@ -75,6 +84,12 @@ class ContinuousEngine(ChatModel):
         self.forward = Forward(model, self.cache)
         self.scheduler = Scheduler(
             self, self.cache, sampling, batch_size, prefill_chunk, tokenizer.pad_token_id, self._generator
+        )
+        # Fixed-shape decode passes, recorded as CUDA graphs on CUDA (decode_graphs.py).
+        self.graphs = (
+            DecodeGraphs(self.forward, batch_size, tokenizer.pad_token_id, record=self.device.type == "cuda")
+            if cuda_graphs
+            else None
         )
         self.stop_tensor = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=self.device)
         self.timings = {
@@ -179,7 +194,10 @@ class ContinuousEngine(ChatModel):
         batch = self.scheduler.decode_batch()
         if batch is None:  # out-of-memory sent every decoding row back to the queue
             return []
-        logits = self.forward(batch.input_ids, batch.starts, batch.slots)
+        if self.graphs is not None:
+            logits = self.graphs(batch.input_ids, batch.starts)
+        else:
+            logits = self.forward(batch.input_ids, batch.starts, batch.slots)
         self.timings["decode_steps"] += 1
         self.timings["decode_rows"] += len(batch.decoding)
         self.timings["decode_pass_rows"] += len(batch.rows)

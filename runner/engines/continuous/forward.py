@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from runner.engines.continuous.attention import use_grouped_query_sdpa
 from runner.engines.continuous.slot_cache import SlotCache
 
 ATTENTION_LAYERS = {"full_attention", "sliding_attention"}
@@ -27,6 +28,7 @@ class Forward:
                 "layers: use engine=pipeline"
             )
         self.model, self.cache = model, cache
+        use_grouped_query_sdpa(model)
         self.sliding_window = getattr(text, "sliding_window", None)
         self.device = model.device
         # transformers 5.24 renamed the cache argument from past_key_values to cache.
@@ -40,19 +42,25 @@ class Forward:
         """Write row i's tokens at positions starts[i].. of its slot (`slots[i]`, or the slice's
         i-th) and return the logits of each row's last token, [rows, vocab].
 
-        A slice of slots from 0 is read as a view of the cache; a list as a gathered copy.
+        A slice of slots from 0 is read as a view of the cache; a list as a gathered copy. The index
+        tensors are made once here, from the host's lists: nothing in the layers waits on the device.
         """
+        tokens = len(input_ids[0])
         positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(
-            len(input_ids[0]), device=self.device
+            tokens, device=self.device
         )
         if not isinstance(slots, slice):
             slots = torch.tensor(slots, device=self.device)
-        kv_length = int(positions.max()) + 1
+        kv_length = max(starts) + tokens
         self.cache.plan(slots, positions, kv_length)
+        return self.run(torch.tensor(input_ids, device=self.device), positions, kv_length)
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_length: int) -> torch.Tensor:
+        """The pass the cache's plan describes: logits of each row's last token, [rows, vocab]."""
         masks = self.masks(positions, kv_length)
         with torch.inference_mode():
             output = self.model(
-                input_ids=torch.tensor(input_ids, device=self.device),
+                input_ids=input_ids,
                 position_ids=positions,
                 attention_mask=masks if len(self.layer_types) > 1 else masks["full_attention"],
                 use_cache=True,

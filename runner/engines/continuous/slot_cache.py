@@ -93,8 +93,9 @@ class SlotCache(Cache):
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
 
     def plan(self, slots: slice | torch.Tensor, positions: torch.Tensor, kv_length: int) -> None:
-        """Set where the next forward pass writes (`positions`, [rows, tokens]) and how much it reads."""
-        self.reserve(int(positions.max()) + 1)
+        """Set where the next forward pass writes (`positions`, [rows, tokens], none at or past
+        `kv_length`) and how much it reads."""
+        self.reserve(kv_length)
         if isinstance(slots, slice):
             rows = torch.arange(slots.start, slots.stop, device=positions.device)
         else:

@@ -1,0 +1,104 @@
+"""The continuous engine on a CUDA GPU (marked `gpu`: skipped without one; benchmarks/gpu_check.sh
+runs them on a lent GPU): the same greedy text as the pipeline, decode passes that never wait on
+the host inside the model, CUDA graphs recorded and replaying the same text, and seeded sampling
+that does not depend on the batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+
+from runner.config.schema import ReplayMode
+from runner.engines.continuous.engine import ContinuousEngine
+from runner.engines.pipeline import ChatReplayPipeline, PipelineEngine
+from runner.engines.protocol import Sampling
+from runner.inputs.conversation import Conversation, Message
+from runner.replay import replay_all
+
+pytestmark = pytest.mark.gpu
+
+CONVERSATIONS = [
+    Conversation(
+        number, tuple(Message("user", text) for text in turns), MappingProxyType({}), Path("gpu"), number
+    )
+    for number, turns in enumerate(
+        [
+            ("What is the capital of France?", "And of Italy?"),
+            ("Write a haiku about rain.",),
+            ("Name three primary colours.", "Mix two of them.", "What do you get?"),
+            ("How do I reverse a list in Python?",),
+            ("What is photosynthesis?", "Explain it to a five year old."),
+            ("Suggest a name for a cat.",),
+        ]
+    )
+]
+
+
+@pytest.fixture(scope="module")
+def cuda_model(gpu_checkpoint):
+    """The checkpoint in fp32 on the GPU (fp32: equal greedy text is a fair ask across kernels)."""
+    import torch
+
+    from runner.model.loading import load_causal_lm, load_tokenizer
+
+    load = {
+        "model": str(gpu_checkpoint),
+        "dtype": torch.float32,
+        "device_map": "cuda",
+        "trust_remote_code": False,
+    }
+    return load_causal_lm(load), load_tokenizer({**load, "task": "text-generation"})
+
+
+def engine(cuda_model, batch_size=4, cuda_graphs=False, **sampling):
+    model, tokenizer = cuda_model
+    settings = Sampling(**{"max_new_tokens": 16, **sampling})
+    return ContinuousEngine(model, tokenizer, settings, batch_size, 512, cuda_graphs=cuda_graphs)
+
+
+def texts(chat_engine, run_seed=0):
+    results = replay_all(CONVERSATIONS, chat_engine, ReplayMode.regenerate, run_seed=run_seed)
+    return {result.conversation.id: [m.content for m in result.messages] for result in results}
+
+
+def test_greedy_replay_on_cuda_equals_the_pipeline_with_and_without_cuda_graphs(cuda_model, gpu_checkpoint):
+    from runner.model.loading import load_pipeline
+
+    tokenizer = cuda_model[1]
+    load = {"task": "text-generation", "model": str(gpu_checkpoint), "dtype": "float32", "device_map": "cuda"}
+    pipeline = PipelineEngine(load_pipeline(load, ChatReplayPipeline, tokenizer), Sampling(max_new_tokens=16))
+    reference = texts(pipeline)
+    assert texts(engine(cuda_model)) == reference
+    graphed = engine(cuda_model, batch_size=5, cuda_graphs=True)
+    assert texts(graphed) == reference
+    assert graphed.graphs.record, "recording a decode pass failed (the log says why)"
+    assert any(bucket.graph is not None for bucket in graphed.graphs.buckets.values())
+
+
+def test_a_decode_pass_never_waits_on_the_host_inside_the_model(cuda_model):
+    import torch
+
+    chat_engine = engine(cuda_model)
+    forward = chat_engine.forward
+    forward([[1, 2, 3, 4, 5, 6, 7, 8]] * 2, [0, 0], [0, 1])  # two slots hold 8 tokens
+    positions = torch.tensor([[8], [8]], device="cuda")
+    chat_engine.cache.plan(slice(0, 2), positions, 9)
+    tokens = torch.tensor([[9], [10]], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
+    try:
+        logits = forward.run(tokens, positions, 9)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert logits.shape == (2, cuda_model[0].config.vocab_size)
+
+
+def test_seeded_sampling_on_cuda_is_the_same_at_any_batch_size(cuda_model):
+    knobs = {"do_sample": True, "temperature": 0.9, "top_k": 40, "top_p": 0.95}
+    alone = texts(engine(cuda_model, batch_size=1, **knobs))
+    assert texts(engine(cuda_model, batch_size=6, **knobs)) == alone
+    assert texts(engine(cuda_model, batch_size=6, cuda_graphs=True, **knobs)) == alone
+    assert texts(engine(cuda_model, batch_size=6, **knobs), run_seed=1) != alone
