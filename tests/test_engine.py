@@ -181,6 +181,39 @@ def test_continuous_greedy_replay_equals_the_pipeline_at_any_batch_size(smol_pip
         assert not engine.graphs.record and len(engine.graphs.buckets) > 1
 
 
+def test_the_engine_s_preparation_of_the_model_keeps_the_logits_bit_for_bit(embedded_dir, smol_model):
+    """Joined projections, fused norms and grouped-query attention change no bit of a prefill, a
+    decode pass or a gathered prefill against the model with its linears packed alone."""
+    import torch
+
+    from runner.engines.continuous.cpu_linear import use_onednn_linear
+    from runner.engines.continuous.forward import Forward
+    from runner.engines.continuous.slot_cache import SlotCache
+    from runner.model.loading import load_causal_lm
+
+    plain = load_causal_lm(
+        {"model": str(embedded_dir), "dtype": torch.float32, "device_map": "cpu", "trust_remote_code": False}
+    )
+    use_onednn_linear(plain, rows=32)
+    plain.set_attn_implementation("sdpa")
+    assert "q_proj_k_proj_v_proj" in dict(smol_model.named_modules())["model.layers.0.self_attn"]._modules
+    prompts = torch.randint(0, 49000, (3, 40), generator=torch.Generator().manual_seed(0)).tolist()
+    outputs = []
+    for model in (smol_model, plain):
+        forward = Forward(model, SlotCache(model.config.num_hidden_layers, 16))
+        if model is plain:  # Forward sets its own attention function: take it back
+            model.set_attn_implementation("sdpa")
+        outputs.append(
+            [
+                forward(prompts, [0, 0, 0], [0, 1, 2]),
+                forward([[5], [6], [7]], [40, 40, 40], slice(0, 3)),
+                forward([prompts[0][:20], prompts[1][:20]], [41, 41], [2, 0]),
+            ]
+        )
+    prepared, reference = outputs
+    assert all(torch.equal(a, b) for a, b in zip(prepared, reference, strict=True))
+
+
 def test_cuda_graph_buckets_cover_every_row_count_up_to_the_batch_size():
     assert buckets(1) == [1]
     assert buckets(5) == [1, 2, 4, 5]

@@ -196,6 +196,11 @@ def append_line(path: Path, record: dict) -> None:
         stream.write(json.dumps(record) + "\n")
 
 
+def swap_lines(path: Path) -> None:
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[::-1]))
+
+
 def edit_reply(path: Path) -> None:
     records = [json.loads(line) for line in path.read_text().splitlines()]
     records[0]["messages"][-1]["content"] += " (edited)"
@@ -222,6 +227,7 @@ def edit_reply(path: Path) -> None:
             "shard1/chats/in.jsonl:3: conversation 'q2' (sample 0) is held twice (first at line 1)",
         ),
         (edit_reply, "shard1/chats/in.jsonl:1: conversation 'q2' (sample 0) is not as the run wrote it"),
+        (swap_lines, "shard1/chats/in.jsonl:2: conversation 'q2' (sample 0) is out of input order"),
         (
             lambda chats: chats.with_name("other.jsonl").write_text(""),
             "shard1/chats/other.jsonl is no chats file of this run's inputs",

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import socket
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -105,16 +106,16 @@ def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
     _write_atomically(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def write_jsonl_atomically(path: Path, records: list[dict[str, Any]]) -> None:
-    """A whole JSONL file, written like `write_json_atomically`."""
-    _write_atomically(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+def write_jsonl_atomically(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    """A whole JSONL file, written like `write_json_atomically`, one record at a time."""
+    _write_atomically(path, (json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def _write_atomically(path: Path, text: str | Iterable[str]) -> None:
     scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with scratch.open("w", encoding="utf-8") as stream:
-            stream.write(text)
+            stream.writelines([text] if isinstance(text, str) else text)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(scratch, path)

@@ -1,9 +1,10 @@
 """engine=continuous: step-level batching over KV-cache slots, turns joining at any step.
 
 engine.py is the thin engine, scheduler.py decides each step (admission, prefix sharing, slot
-compaction, the out-of-memory policy) as data, forward.py runs it through the model,
-slot_cache.py holds the KV cache, sampling.py picks each row's token, cpu_linear.py packs CPU weights,
-decode_graphs.py records decode passes as CUDA graphs.
+compaction, the out-of-memory policy) as data, forward.py runs it through the model (attention.py:
+its attention function), slot_cache.py holds the KV cache, sampling.py picks each row's token,
+fused_projections.py joins projections, rms_norm.py fuses norms and cpu_linear.py packs CPU
+weights at load, and decode_graphs.py records decode passes as CUDA graphs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ CAPABILITIES = Capabilities()
 
 
 def build(cfg: RunConfig, setup: EngineSetup) -> Engine:
-    """The model alone (its fp32 CPU linears packed for oneDNN) behind the continuous engine."""
+    """The model alone, prepared by `prepare_model`, behind the continuous engine."""
     from runner.engines.continuous.engine import ContinuousEngine
     from runner.model.loading import load_causal_lm
 
@@ -47,11 +48,15 @@ def build(cfg: RunConfig, setup: EngineSetup) -> Engine:
 
 def prepare_model(model: Any, rows: int) -> None:
     """The loaded model as the continuous engine runs it: q/k/v and gate/up projections joined into
-    one product each, then fp32 CPU linears packed for oneDNN, tuned for `rows` rows a pass."""
+    one product each, fp32 RMSNorms as one kernel each, then fp32 CPU linears packed for oneDNN,
+    tuned for `rows` rows a pass."""
     from runner.engines.continuous.cpu_linear import use_onednn_linear
     from runner.engines.continuous.fused_projections import join_projections
+    from runner.engines.continuous.rms_norm import use_fused_rms_norm
 
     if joined := join_projections(model):
         log.info("%d groups of projections (q/k/v, gate/up) joined into one matrix product each", joined)
+    if fused := use_fused_rms_norm(model):
+        log.info("%d RMSNorms run as one kernel each", fused)
     if packed := use_onednn_linear(model, rows):
         log.info("%d fp32 linear layers on the CPU run through oneDNN, their weights packed", packed)
