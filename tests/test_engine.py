@@ -195,7 +195,6 @@ def test_the_engine_s_preparation_of_the_model_keeps_the_logits_bit_for_bit(embe
         {"model": str(embedded_dir), "dtype": torch.float32, "device_map": "cpu", "trust_remote_code": False}
     )
     use_onednn_linear(plain, rows=32)
-    plain.set_attn_implementation("sdpa")
     assert "q_proj_k_proj_v_proj" in dict(smol_model.named_modules())["model.layers.0.self_attn"]._modules
     prompts = torch.randint(0, 49000, (3, 40), generator=torch.Generator().manual_seed(0)).tolist()
     outputs = []
