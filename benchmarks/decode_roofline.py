@@ -99,7 +99,7 @@ def main() -> None:
     model = random_model(config, dtype, args.device)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     cache = SlotCache(config.num_hidden_layers, args.batch)
-    cache.reserve(args.context + args.steps + 4)  # no growth while timed
+    cache.fit(args.batch, args.context + args.steps + 4)  # no growth while timed
     forward = Forward(model, cache)
     graphs = (
         DecodeGraphs(forward, args.batch, pad=0, record=args.device.startswith("cuda"))

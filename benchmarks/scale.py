@@ -61,6 +61,12 @@ def main() -> None:
     )
     parser.add_argument("--shard-counts", default="10000,1000")
     parser.add_argument("--plan", action="store_true", help="also time plan=true on the whole file")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="a runner override for every run, e.g. engine.kv_cache_gb=0.4",
+    )
     args = parser.parse_args()
     if not args.input.exists():
         subprocess.run(
@@ -75,7 +81,8 @@ def main() -> None:
         )
     lines = sum(1 for _ in args.input.open("rb"))
     print(f"input: {args.input}, {lines} lines, {args.input.stat().st_size / 1e9:.2f} GB")
-    common = [f"input.path={args.input}", "generation.max_new_tokens=4"]
+    common = [f"input.path={args.input}", "generation.max_new_tokens=4", *args.override]
+    print(f"overrides: {' '.join(common[1:])}")
     for count in (int(c) for c in args.shard_counts.split(",") if c):
         seconds, rss = measure([*common, f"shard.count={count}", "shard.index=0"], first_record=True)
         print(

@@ -178,7 +178,7 @@ def test_continuous_greedy_replay_equals_the_pipeline_at_any_batch_size(smol_pip
     for batch_size in (3, 32):
         engine = continuous(smol_model, smol_pipeline, batch_size, cuda_graphs=True)
         assert replay_texts(engine, DOZEN) == pipeline, f"fixed shapes, batch size {batch_size}"
-        assert not engine.graphs.record and len(engine.graphs.buckets) > 1
+        assert not engine.graphs.record and len(engine.graphs.used) > 1
 
 
 def test_the_engine_s_preparation_of_the_model_keeps_the_logits_bit_for_bit(embedded_dir, smol_model):
@@ -199,7 +199,9 @@ def test_the_engine_s_preparation_of_the_model_keeps_the_logits_bit_for_bit(embe
     prompts = torch.randint(0, 49000, (3, 40), generator=torch.Generator().manual_seed(0)).tolist()
     outputs = []
     for model in (smol_model, plain):
-        forward = Forward(model, SlotCache(model.config.num_hidden_layers, 16))
+        cache = SlotCache(model.config.num_hidden_layers, 16)
+        cache.fit(3, 64)
+        forward = Forward(model, cache)
         if model is plain:  # Forward sets its own attention function: take it back
             model.set_attn_implementation("sdpa")
         outputs.append(
@@ -325,6 +327,45 @@ def test_kv_cache_is_allocated_per_slot_not_per_step(smol_pipeline, smol_model):
     per_token = 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4
     assert engine.cache.nbytes == config.num_hidden_layers * 3 * engine.cache.capacity * per_token
     assert engine.cache.capacity % 64 == 0 and engine.cache.capacity <= 256
+
+
+def test_a_tight_kv_budget_runs_fewer_rows_and_changes_no_text(smol_pipeline, smol_model):
+    pipeline = replay_texts(PipelineEngine(smol_pipeline, replace(GREEDY, max_new_tokens=16)), DOZEN)
+    engine = continuous(smol_model, smol_pipeline, batch_size=8)
+    budget = 6 * 128 * engine.kv_bytes_per_token()  # slots come in 4s: 4 rows of 128 tokens fit, 8 do not
+    engine = ContinuousEngine(
+        smol_model, smol_pipeline.tokenizer, Sampling(max_new_tokens=16), 8, 512, kv_budget_bytes=budget
+    )
+    assert replay_texts(engine, DOZEN) == pipeline
+    counts = engine.counters().cache
+    assert counts.kv_budget_waits > 0 and counts.kv_budget_bytes == budget
+    assert 0 < counts.kv_bytes <= budget
+
+
+def test_the_kv_cache_holds_the_slots_and_capacity_the_rows_need_and_gives_memory_back():
+    import torch
+
+    from runner.engines.continuous.slot_cache import SlotCache
+
+    cache = SlotCache(num_layers=2, max_slots=32)
+    for layer in cache.layers:  # the first write allocates: 2 KV heads of 8 dims
+        layer.lazy_initialization(torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8))
+    assert (cache.slots, cache.capacity) == (4, 256)
+    cache.layers[0].keys[3, :, :200] = 7.0
+    cache.fit(rows=10, length=300)  # a row joins past the slots held: slots in steps of 4
+    assert (cache.slots, cache.capacity, cache.version) == (12, 320, 1)
+    assert cache.layers[1].values.shape == (12, 2, 320, 8)
+    assert (
+        bool((cache.layers[0].keys[3, :, :200] == 7.0).all()) and cache.layers[0].keys[3:, :, 200:].sum() == 0
+    )
+    cache.fit(rows=9, length=300)  # what is held still fits: nothing moves
+    assert cache.version == 1
+    peak = cache.nbytes
+    cache.fit(rows=4, length=100)  # the long rows left: a quarter is needed
+    assert (cache.slots, cache.capacity, cache.version) == (4, 128, 2)
+    assert bool((cache.layers[0].keys[3, :, :100] == 7.0).all())
+    assert cache.nbytes == peak // 7.5 and cache.peak_bytes == peak
+    assert cache.cells(rows=5, length=65) == 8 * 128
 
 
 def test_template_that_rewrites_history_falls_back_to_a_full_prefill(smol_pipeline, smol_model):

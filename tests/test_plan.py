@@ -93,6 +93,27 @@ def test_kv_cache_follows_layers_kv_heads_and_the_context_cap(compose_config):
     assert plan.kv_bytes == 4 * 8192 * plan.kv_bytes_per_token
 
 
+def test_on_a_cpu_the_kv_cache_is_planned_within_its_budget_half_the_ram_the_weights_leave(compose_config):
+    server = Hardware(cpu_free=64 * GB)
+    fp32 = ("model=llama3_8b", "precision=fp32")
+    full = 32 * 8192 * kv_bytes_per_token(architecture_of(compose_config, *fp32), 4)
+    auto = plan_for(compose_config, server, *fp32, rows=32, context=8192)
+    assert auto.kv_bytes == auto.kv_budget_bytes == (64 * GB - auto.weights_bytes) // 2 < full
+    assert f"(engine.kv_cache_gb; 32 row(s) x 8,192 tokens x 256 KiB would take {full / GB:.1f} GB" in (
+        "\n".join(auto.lines())
+    )
+    two = plan_for(compose_config, server, *fp32, "engine.kv_cache_gb=2", rows=32, context=8192)
+    assert two.kv_bytes == two.kv_budget_bytes == 2 * GB
+    unlimited = plan_for(compose_config, server, *fp32, "engine.kv_cache_gb=null", rows=32, context=8192)
+    assert unlimited.kv_budget_bytes is None and unlimited.kv_bytes == full
+    gpu = plan_for(compose_config, H100, "model=llama3_8b", "device=cuda", rows=32, context=8192)
+    assert gpu.kv_budget_bytes is None and gpu.kv_bytes == 32 * 8192 * gpu.kv_bytes_per_token
+
+
+def architecture_of(compose_config, *overrides):
+    return to_run_config(compose_config(*overrides)).model.architecture
+
+
 def test_mixture_of_experts_weights_count_every_expert(compose_config):
     plan = plan_for(compose_config, H100, "model=mixtral_8x7b", "device=cuda")
     arch = to_run_config(compose_config("model=mixtral_8x7b")).model.architecture

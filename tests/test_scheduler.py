@@ -48,11 +48,19 @@ class FakeText:
 
 
 class FakeCache:
+    """Records the copies asked of it and the sizes it is fitted to; holds rows x length cells."""
+
     def __init__(self):
-        self.copies = []
+        self.copies, self.fits = [], []
 
     def copy(self, source, target, start, stop):
         self.copies.append((source, target, start, stop))
+
+    def fit(self, rows, length, most=None):
+        self.fits.append((rows, length))
+
+    def cells(self, rows, length):
+        return rows * length
 
 
 def words(ids):
@@ -64,8 +72,10 @@ def numbers(start, count):
     return words(range(start, start + count))
 
 
-def scheduler(batch_size=4, prefill_chunk=512, max_new_tokens=8):
-    return Scheduler(FakeText(), FakeCache(), Sampling(max_new_tokens), batch_size, prefill_chunk, 0, None)
+def scheduler(batch_size=4, prefill_chunk=512, max_new_tokens=8, kv_budget=None):
+    return Scheduler(
+        FakeText(), FakeCache(), Sampling(max_new_tokens), batch_size, prefill_chunk, 0, None, kv_budget
+    )
 
 
 def turn(stream, *messages, continues=False, **sampling):
@@ -131,6 +141,7 @@ def test_a_conversations_next_turn_reuses_its_slot_and_prefills_only_the_new_tok
         "reused_tokens": 8,
         "shared_tokens": 0,
         "prefix_mismatches": 0,
+        "kv_budget_waits": 0,
     }
 
 
@@ -168,6 +179,7 @@ def test_a_shared_system_prompt_is_copied_from_the_slot_that_prefilled_it():
         "reused_tokens": 0,
         "shared_tokens": common,
         "prefix_mismatches": 0,
+        "kv_budget_waits": 0,
     }
 
 
@@ -299,6 +311,57 @@ def test_out_of_memory_with_one_row_ends_its_turn():
     assert s.rows == [] and s.batch_size == 1
     with pytest.raises(RuntimeError, match="no turn in flight"):
         s.back_off()
+
+
+def test_turns_join_only_while_the_kv_budget_allows_and_new_ones_queue_behind_a_waiting_turn():
+    # A prompt of n numbers is n + 3 ids; a turn needs them and max_new_tokens (8) positions.
+    s = scheduler(kv_budget=40)
+    short, long, later = (
+        turn(0, ("user", "10 11 12")),
+        turn(1, ("user", numbers(10, 15))),
+        turn(2, ("user", "13")),
+    )
+    for request in (short, long, later):
+        s.submit(request)
+    s.admit()
+    # 2 rows x 26 positions would pass 40; the later short turn would fit but waits its turn.
+    assert [row.stream for row in s.rows] == [0] and list(s.queue) == [long, later]
+    assert s.cache.fits[-1] == (1, 14)
+    run_until_answered(s, {0: [20, END]})
+    s.admit()
+    assert [row.stream for row in s.rows] == [1] and list(s.queue) == [later]
+    run_until_answered(s, {1: [21, END]})
+    s.admit()
+    assert [row.stream for row in s.rows] == [2] and not s.queue
+    assert s.stats["kv_budget_waits"] >= 2  # admissions (one a step) that left a turn waiting
+
+    unlimited = scheduler()
+    for request in (short, long, later):
+        unlimited.submit(request)
+    unlimited.admit()
+    assert [row.stream for row in unlimited.rows] == [0, 1, 2]
+
+
+def test_with_every_slot_idle_a_waiting_turn_takes_the_room_of_the_longest_idle_conversation():
+    s = scheduler(kv_budget=40)
+    s.submit(turn(0, ("user", "10 11 12"), continues=True))
+    s.submit(turn(1, ("user", numbers(10, 6)), continues=True))
+    run_until_answered(s, {0: [20, END], 1: [21, END]}, count=2)
+    kept = s.idle[0]
+    # Conversation 0's next turn needs 17 + 8 positions: two slots of that would pass 40.
+    s.submit(turn(0, ("user", "10 11 12"), ("assistant", "20"), ("user", numbers(30, 6))))
+    s.admit()
+    assert s.rows == [kept] and kept.phase is Phase.prefill and s.idle == {}  # conversation 1 gave way
+    assert kept.cached == [3, 10, 11, 12, 2, 4, 20]  # its own slot kept its first turn
+
+
+def test_a_turn_over_the_kv_budget_alone_runs_alone(caplog):
+    s = scheduler(kv_budget=10)
+    s.submit(turn(0, ("user", "10 11 12")))
+    s.submit(turn(1, ("user", "13")))
+    s.admit()
+    assert [row.stream for row in s.rows] == [0] and len(s.queue) == 1
+    assert "more than the KV budget's 10; it runs alone" in caplog.text
 
 
 def test_a_sampling_turn_gets_its_generator_from_the_engine():

@@ -233,6 +233,17 @@ class ContinuousEngineConfig(EngineConfig):
     # Decode steps replayed as CUDA graphs, one per bucketed batch size (CUDA only; off until a
     # GPU run has verified it: see the README).
     cuda_graphs: bool = False
+    # The most the KV cache may hold, in GB (10^9 bytes): turns wait to join beyond it. auto: on a
+    # CPU half the RAM the weights leave free (running out of RAM ends the process, not a pass), no
+    # limit on a GPU (a pass that runs out of memory backs off); null: no limit.
+    kv_cache_gb: Any = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        size = self.kv_cache_gb
+        number = isinstance(size, int | float) and not isinstance(size, bool)
+        if size not in ("auto", None) and not (number and size > 0):
+            raise ConfigError(f"engine.kv_cache_gb must be a number > 0, auto or null, got {size!r}")
 
 
 @dataclass

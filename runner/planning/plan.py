@@ -10,6 +10,7 @@ x head dim values per token of context, for every row of a batch.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from runner.config.schema import ArchitectureConfig, QuantConfig, QuantMethod
 
@@ -50,7 +51,7 @@ class MemoryPlan:
     batch_rows: int
     context_tokens: int
     context_from: str  # how context_tokens was found
-    kv_bytes: int  # batch_rows x context_tokens tokens of KV cache
+    kv_bytes: int  # batch_rows x context_tokens tokens of KV cache, or the KV budget if smaller
     draft_bytes: int  # generation.assistant_model's weights and KV cache
     total_bytes: int
     devices: dict[str, int]  # device -> free bytes the model may use
@@ -60,6 +61,7 @@ class MemoryPlan:
     fitting_batch: int | None  # the largest smaller batch that fits, if the batch is what does not
     usable_fraction: float = USABLE_FRACTION  # of the devices' free memory, for weights and KV cache
     speed_note: str | None = None  # a quantization that is slower than fp32 here, with the figure
+    kv_budget_bytes: int | None = None  # engine.kv_cache_gb, resolved
 
     @property
     def fits(self) -> bool:
@@ -78,6 +80,13 @@ class MemoryPlan:
             f"  KV cache        {gb(self.kv_bytes):>10}  ({self.batch_rows} row(s) x {self.context_tokens:,} "
             f"tokens x {self.kv_bytes_per_token / 2**10:,.0f} KiB; context {self.context_from})",
         ]
+        if self.kv_budget_bytes is not None and self.kv_budget_bytes == self.kv_bytes:
+            lines[-1] = (
+                f"  KV cache        {gb(self.kv_bytes):>10}  (engine.kv_cache_gb; {self.batch_rows} row(s) x "
+                f"{self.context_tokens:,} tokens x {self.kv_bytes_per_token / 2**10:,.0f} KiB would take "
+                f"{gb(self.batch_rows * self.context_tokens * self.kv_bytes_per_token)}: fewer rows run "
+                "while long conversations are in flight)"
+            )
         if self.draft_bytes:
             lines.append(f"  draft model     {gb(self.draft_bytes):>10}  (generation.assistant_model)")
         lines += [
@@ -133,6 +142,7 @@ def make_plan(
     alternatives: dict[str, tuple[int, QuantConfig]],
     draft_bytes: int = 0,
     usable_fraction: float = USABLE_FRACTION,
+    kv_budget_bytes: int | None = None,
 ) -> MemoryPlan:
     """Weigh one run against its devices.
 
@@ -144,10 +154,13 @@ def make_plan(
         draft_bytes: what a draft model for speculative decoding takes beside the model.
         usable_fraction: of the devices' free memory, what weights and KV cache may take (an engine
             that reserves its own share, vLLM's gpu_memory_utilization, sets it).
+        kv_budget_bytes: the most the engine's KV cache holds (engine.kv_cache_gb), if it has one.
     """
     need = _Need(arch, min(context_tokens, arch.context_length))
     weights = weights_bytes(arch, dtype_bytes, quant)
     kv = need.cache(batch_rows, dtype_bytes)
+    if kv_budget_bytes is not None:
+        kv = min(kv, kv_budget_bytes)
     total = weights + kv + draft_bytes
     room = usable(devices, usable_fraction)
     if total <= room:
@@ -178,7 +191,18 @@ def make_plan(
         fitting_batch=batch,
         usable_fraction=usable_fraction,
         speed_note=cpu_quant_note(quant.method.value) if set(devices) == {"cpu"} else None,
+        kv_budget_bytes=kv_budget_bytes,
     )
+
+
+def kv_budget(setting: Any, cpu_free: int | None, weights: int) -> int | None:
+    """engine.kv_cache_gb in bytes (None: no limit). auto on a CPU (`cpu_free`: the RAM free before
+    the weights load): half of what the weights leave, since there running out of RAM ends the
+    process rather than a pass the engine could back off from; on a GPU auto sets no limit, and a
+    pass that runs out of memory backs off."""
+    if setting == "auto":
+        return max(cpu_free - weights, 0) // 2 if cpu_free is not None else None
+    return None if setting is None else int(setting * 1e9)
 
 
 # bitsandbytes' CPU kernels decode no faster than fp32 weights through oneDNN: tokens/s of the

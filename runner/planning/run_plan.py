@@ -11,7 +11,14 @@ from runner.config.schema import ArchitectureConfig, DeviceKind, QuantMethod, Ru
 from runner.model.arguments import DTYPE_NAMES, draft_model, resolve_dtype
 from runner.model.hardware import Hardware
 from runner.planning.figures import architecture, plan_devices
-from runner.planning.plan import USABLE_FRACTION, MemoryPlan, kv_bytes_per_token, make_plan, weights_bytes
+from runner.planning.plan import (
+    USABLE_FRACTION,
+    MemoryPlan,
+    kv_budget,
+    kv_bytes_per_token,
+    make_plan,
+    weights_bytes,
+)
 
 
 def memory_plan(
@@ -53,7 +60,14 @@ def memory_plan(
         alternatives=alternatives,
         draft_bytes=draft_bytes,
         usable_fraction=_usable_fraction(cfg, hardware),
+        kv_budget_bytes=_kv_budget(cfg, devices, weights_bytes(arch, dtype.itemsize, cfg.quant)),
     )
+
+
+def _kv_budget(cfg: RunConfig, devices: dict[str, int], weights: int) -> int | None:
+    """engine.kv_cache_gb of the continuous engine, resolved as it will be (no other engine has one)."""
+    setting = getattr(cfg.engine, "kv_cache_gb", None)
+    return kv_budget(setting, devices["cpu"] if set(devices) == {"cpu"} else None, weights)
 
 
 def _usable_fraction(cfg: RunConfig, hardware: Hardware) -> float:

@@ -7,10 +7,13 @@ Results agree with PyTorch's to float rounding, and a row's result does not depe
 beside it. Only plain `nn.Linear` layers with fp32 weights on the CPU are packed; quantized,
 half-precision and GPU layers are left as they are.
 
-Memory: a packed weight replaces the plain one, except where the plain one is shared with another
-module (an lm_head tied to the embeddings keeps both). Weights memory-mapped from a safetensors file
-give their resident pages back as they are packed, so the process never holds both copies; tied
-embeddings then read back from the file only the rows they look up.
+Memory: oneDNN keeps every shape's compiled kernels in two caches of 1,024 entries by default, and a
+continuous engine's passes come in many shapes (rows x tokens): on a 1,000-conversation replay of
+the embedded model they grew to ~0.9 GB. Both are bounded here (CACHED_SHAPES each, ~0.1 GB), unless
+the environment already sets them. A packed weight replaces the plain one, except where the plain
+one is shared with another module (an lm_head tied to the embeddings keeps both). Weights memory-
+mapped from a safetensors file give their resident pages back as they are packed, so the process
+never holds both copies; tied embeddings then read back from the file only the rows they look up.
 """
 
 from __future__ import annotations
@@ -18,9 +21,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import mmap
+import os
 from typing import Any
 
 import torch
+
+# Entries of oneDNN's kernel caches: a decode pass's five linear shapes at a dozen row counts.
+CACHED_SHAPES = 64
 
 
 def onednn_available() -> bool:
@@ -32,6 +39,7 @@ def use_onednn_linear(model: Any, rows: int) -> int:
     row count works); returns how many layers were packed."""
     if not onednn_available():
         return 0
+    bound_kernel_caches()
     shared = {
         parameter.data_ptr()
         for module in model.modules()
@@ -56,6 +64,13 @@ def use_onednn_linear(model: Any, rows: int) -> int:
         module.forward = functools.partial(_packed_linear, blocked, module.bias)
         packed += 1
     return packed
+
+
+def bound_kernel_caches() -> None:
+    """Bound oneDNN's primitive cache and ideep's computation cache (each read once, at its first
+    use in the process) to CACHED_SHAPES entries, where the environment leaves them unset."""
+    for variable in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        os.environ.setdefault(variable, str(CACHED_SHAPES))
 
 
 def _packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, inputs: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,9 @@ whole pass in one launch. A graph fixes its tensors' shapes and addresses, so ea
 (1, 2, 4, 8, then multiples of 16 up to batch_size) gets its own: the pass runs over slots
 0..bucket-1 (slots above the batch's rows are free and are fed padding at position 0), reads every
 slot's whole capacity (the mask hides what a row has not written), and takes its tokens and
-positions from fixed buffers that each step fills. Growing the cache moves its tensors, so the
-graphs are recorded again after a growth. The graphs share one memory pool.
+positions from fixed buffers that each step fills (the cache holds slots in the same buckets).
+Resizing the cache moves its tensors, so the graphs are recorded again after a resize. The graphs
+share one memory pool.
 
 Without recording (off CUDA) the same fixed-shape pass runs eagerly, which is how the tests check
 its arithmetic on a CPU. Recording itself needs a GPU; if it fails, the engine says so once and
@@ -53,7 +54,8 @@ class DecodeGraphs:
         self.forward, self.pad, self.record = forward, pad, record
         self.sizes = buckets(batch_size)
         self.buckets: dict[int, Bucket] = {}
-        self.capacity = 0  # the cache capacity the buckets were made for
+        self.used: set[int] = set()  # the bucket sizes passes have run at
+        self.version = -1  # the cache's allocation the buckets were made for
         self.pool = None
 
     def __call__(self, input_ids: list[list[int]], starts: list[int]) -> torch.Tensor:
@@ -62,10 +64,11 @@ class DecodeGraphs:
         size = next(size for size in self.sizes if size >= rows)
         cache = self.forward.cache
         cache.reserve(max(starts) + 1)
-        if cache.capacity != self.capacity:  # the cache's tensors moved: record again
+        if cache.version != self.version:  # the cache's tensors moved: record again
             self.buckets.clear()
-            self.capacity = cache.capacity
+            self.version = cache.version
         bucket = self.buckets.get(size)
+        self.used.add(size)
         padding = size - rows
         ids = torch.tensor([token for (token,) in input_ids] + [self.pad] * padding)
         positions = torch.tensor(starts + [0] * padding)

@@ -28,7 +28,7 @@ import torch
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 
 from runner.engines.chat_model import ChatModel
-from runner.engines.continuous.decode_graphs import DecodeGraphs
+from runner.engines.continuous.decode_graphs import DecodeGraphs, buckets
 from runner.engines.continuous.forward import Forward
 from runner.engines.continuous.sampling import next_tokens
 from runner.engines.continuous.scheduler import RowState, Scheduler
@@ -44,8 +44,10 @@ class CacheCounts:
     reused_tokens: int  # kept in a conversation's own slot from its previous turn
     shared_tokens: int  # copied from another slot that held the same prompt start
     prefix_mismatches: int  # next turns whose re-rendered prompt changed tokens the slot held
-    kv_bytes: int
-    slot_tokens: int  # each slot's capacity
+    kv_budget_waits: int  # admissions that left a turn waiting for room in the KV budget
+    kv_bytes: int  # the most the cache held at once
+    kv_budget_bytes: int | None  # engine.kv_cache_gb, resolved (None: no limit)
+    slot_tokens: int  # each slot's capacity at the end
 
 
 @dataclass(frozen=True)
@@ -76,14 +78,26 @@ class ContinuousEngine(ChatModel):
         batch_size: int,
         prefill_chunk: int,
         cuda_graphs: bool = False,
+        kv_budget_bytes: int | None = None,
     ):
         super().__init__(model, tokenizer)
         self.sampling, self.prefill_chunk = sampling, prefill_chunk
         self.device = model.device
-        self.cache = SlotCache(model.config.get_text_config().num_hidden_layers, batch_size)
+        self.kv_budget_bytes = kv_budget_bytes
+        layers = model.config.get_text_config().num_hidden_layers
+        # CUDA graphs pass over a bucket's slots: the cache holds slots in the same steps.
+        self.cache = SlotCache(layers, batch_size, slot_sizes=buckets(batch_size) if cuda_graphs else None)
         self.forward = Forward(model, self.cache)
+        budget = None if kv_budget_bytes is None else kv_budget_bytes // self.kv_bytes_per_token()
         self.scheduler = Scheduler(
-            self, self.cache, sampling, batch_size, prefill_chunk, tokenizer.pad_token_id, self._generator
+            self,
+            self.cache,
+            sampling,
+            batch_size,
+            prefill_chunk,
+            tokenizer.pad_token_id,
+            self._generator,
+            kv_budget=budget,
         )
         # Fixed-shape decode passes, recorded as CUDA graphs on CUDA (decode_graphs.py).
         self.graphs = (
@@ -147,7 +161,12 @@ class ContinuousEngine(ChatModel):
             timings[key] for key in ("decode_seconds", "prefill_seconds", "sampling_seconds")
         )
         return EngineCounters(
-            cache=CacheCounts(**self.stats, kv_bytes=self.cache.nbytes, slot_tokens=self.cache.capacity),
+            cache=CacheCounts(
+                **self.stats,
+                kv_bytes=self.cache.peak_bytes,
+                kv_budget_bytes=self.kv_budget_bytes,
+                slot_tokens=self.cache.capacity,
+            ),
             steps=StepCounts(**timings, scheduling_seconds=round(other, 4)),
         )
 

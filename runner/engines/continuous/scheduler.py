@@ -2,14 +2,22 @@
 
 The scheduler owns the rows in flight (one `RowState` per conversation turn, each in a slot of the
 KV cache), the queue and the idle slots. Each step it admits queued turns (a conversation's next
-turn into its own slot, keeping the cached start of its prompt; new ones into free slots), copies
+turn into its own slot, keeping the cached start of its prompt; new ones into free slots) while
+the cache they need fits the KV budget, copies
 prompt starts that another slot holds, and hands the engine a `PrefillBatch` and a `DecodeBatch`
 to run; `prefilled` and `update` take the results back. Slots stay contiguous: when a row is
 released, the last occupied slot moves into its place. On out-of-memory, `back_off` decides who
 goes back to the queue.
 
+The KV budget: slots all hold the same capacity, so the cache holds (slots) x (the longest row's
+tokens). A turn joins only while that, with its prompt and max_new_tokens counted, stays within
+`kv_budget` tokens; a turn that does not fit waits, and new conversations queue behind it so it is
+not passed over for ever. Where nothing is running and a waiting turn still does not fit, the
+longest idle slot is given up (its conversation's next turn prefills again); a turn alone that
+does not fit runs alone. After the longest rows leave, the cache gives the memory back.
+
 It meets the model through two small injected things: a `TurnText` (prompt ids, the context check,
-stop strings, the reply) and a `SlotCopier` (the KV cache's `copy`), so it runs without either.
+stop strings, the reply) and `Slots` (the KV cache's copy and sizes), so it runs without either.
 """
 
 from __future__ import annotations
@@ -47,10 +55,14 @@ class TurnText(Protocol):
     ) -> Reply: ...
 
 
-class SlotCopier(Protocol):
-    """The KV cache's one operation the scheduler needs."""
+class Slots(Protocol):
+    """The KV cache as the scheduler sees it (slot_cache.SlotCache)."""
 
     def copy(self, source: int, target: int, start: int, stop: int) -> None: ...
+
+    def fit(self, rows: int, length: int) -> None: ...
+
+    def cells(self, rows: int, length: int) -> int: ...
 
 
 class Phase(enum.Enum):
@@ -78,6 +90,14 @@ class RowState:
     shared: int = 0  # how many of this prompt's first tokens to copy from the source's slot
     started: float = 0.0
     first_token_at: float | None = None
+
+    @property
+    def need(self) -> int:
+        """KV-cache positions this row may fill: its prompt and max_new_tokens while a turn runs,
+        what the slot holds while idle."""
+        if self.phase is Phase.idle:
+            return len(self.cached)
+        return len(self.ids) + self.sampling.max_new_tokens
 
     @property
     def remaining(self) -> int:
@@ -139,23 +159,25 @@ class Scheduler:
 
     Args:
         text: prompt ids, the context check, stop ids and strings, and the reply of a finished turn.
-        cache: where the KV of a shared prompt start or a moved slot is copied.
+        cache: where the KV of a shared prompt start or a moved slot is copied, and what sizes it.
         sampling: the settings of turns that bring none.
         batch_size: rows in flight at most (halved on out-of-memory).
         prefill_chunk: prompt tokens one prefill pass writes at most.
         pad: the token fed where a pass has nothing to write.
         generator: makes a turn's random generator when it samples (the engine's, seeded by the turn).
+        kv_budget: KV-cache positions (slots x capacity) the rows may hold at once; None: no limit.
     """
 
     def __init__(
         self,
         text: TurnText,
-        cache: SlotCopier,
+        cache: Slots,
         sampling: Sampling,
         batch_size: int,
         prefill_chunk: int,
         pad: int,
         generator: Callable[[Request], Any],
+        kv_budget: int | None = None,
     ):
         self.text, self.cache, self.sampling = text, cache, sampling
         self.batch_size, self.prefill_chunk, self.pad, self.generator = (
@@ -167,8 +189,18 @@ class Scheduler:
         self.rows: list[RowState] = []  # rows[i].slot == i: occupied slots stay contiguous
         self.idle: dict[int, RowState] = {}  # stream -> its slot, waiting for the next turn
         self.queue: deque[Request] = deque()
+        self.prompts: dict[int, list[int]] = {}  # id(request) -> prompt ids, for turns waiting for room
         self.admitted = 0
-        self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "shared_tokens": 0, "prefix_mismatches": 0}
+        self.kv_budget = kv_budget
+        self.over_budget_said = False
+        self.waiting_for_room = False  # the last admission left a turn waiting for KV room
+        self.stats = {
+            "prefill_tokens": 0,
+            "reused_tokens": 0,
+            "shared_tokens": 0,
+            "prefix_mismatches": 0,
+            "kv_budget_waits": 0,
+        }
 
     # -- admission -------------------------------------------------------------------------------
 
@@ -181,29 +213,71 @@ class Scheduler:
         self.queue.append(request)
 
     def admit(self) -> list[Outcome]:
-        """Queued turns into slots: a conversation's next turn into its own, new ones into free ones.
-        Returns the turns that cannot run (their prompt outgrows the context)."""
+        """Queued turns into slots: a conversation's next turn into its own, new ones into free slots,
+        while the KV budget allows (see the module docstring). Returns the turns that cannot run
+        (their prompt outgrows the context)."""
+        finished = self._admit_queue()
+        while self.waiting_for_room and self.rows and all(row.phase is Phase.idle for row in self.rows):
+            longest = max(self.rows, key=lambda row: len(row.cached))
+            log.info("KV budget: a %d-token idle slot given up for a waiting turn", len(longest.cached))
+            self.release(longest)
+            finished += self._admit_queue()
+        self.cache.fit(len(self.rows), max((row.need for row in self.rows), default=0), self.kv_budget)
+        return finished
+
+    def _admit_queue(self) -> list[Outcome]:
         finished, waiting = [], deque()
+        blocked = False  # a turn waits for KV room: new conversations queue behind it
         while self.queue:
             request = self.queue.popleft()
-            row = self.idle.pop(request.stream, None)
-            if row is None and len(self.rows) >= self.batch_size:
+            row = self.idle.get(request.stream)
+            if row is None and (blocked or len(self.rows) >= self.batch_size):
                 waiting.append(request)
                 continue
             sampling = request.sampling or self.sampling
-            ids = self.text.prompt_ids(request.messages)
+            ids = self.prompts.pop(id(request), None) or self.text.prompt_ids(request.messages)
             overflow = self.text.overflow(len(ids), sampling.max_new_tokens)
             if overflow is not None:
                 if row is not None:
                     self.release(row)
                 finished.append((request, overflow))
                 continue
+            need = len(ids) + sampling.max_new_tokens
+            if not self._room_for(row, need):
+                self.prompts[id(request)] = ids  # not rendered again while it waits
+                waiting.append(request)
+                blocked = True
+                continue
             if row is None:
                 row = RowState(request.stream, slot=len(self.rows), order=self.admitted)
                 self.rows.append(row)
+            else:
+                del self.idle[request.stream]
+            self.cache.fit(len(self.rows), max([need, *(other.need for other in self.rows)]), self.kv_budget)
             self._start(row, request, ids, sampling)
-        self.queue = waiting
+        self.queue, self.waiting_for_room = waiting, blocked
+        self.stats["kv_budget_waits"] += blocked
         return finished
+
+    def _room_for(self, row: RowState | None, need: int) -> bool:
+        """Whether the cache, with this turn (in `row`'s slot, or a new one) needing `need`
+        positions, stays within the KV budget. A turn alone always runs (said once, if over)."""
+        if self.kv_budget is None:
+            return True
+        others = [other for other in self.rows if other is not row]
+        rows, longest = len(others) + 1, max([need, *(other.need for other in others)])
+        if self.cache.cells(rows, longest) <= self.kv_budget:
+            return True
+        if others:
+            return False
+        if not self.over_budget_said:
+            log.warning(
+                "a turn needs %d KV-cache positions, more than the KV budget's %d; it runs alone",
+                need,
+                self.kv_budget,
+            )
+            self.over_budget_said = True
+        return True
 
     def _start(self, row: RowState, request: Request, ids: list[int], sampling: Sampling) -> None:
         """Start a turn in its row, count what its slot already holds, and look for a shared start."""
@@ -265,8 +339,8 @@ class Scheduler:
     # -- the step's passes -----------------------------------------------------------------------
 
     def prefill_batch(self) -> PrefillBatch | None:
-        """One batched chunk of joining prompts: rows of similar remaining length, padding under 20%,
-        at most `prefill_chunk` tokens. Rows waiting for a shared start copy it first, or wait for
+        """One batched chunk of joining prompts: rows of similar remaining length, padding under 20%
+        and within each row's need, at most `prefill_chunk` tokens. Rows waiting for a shared start copy it first, or wait for
         the next step. None when no row has prompt left to prefill."""
         for row in self.rows:
             self._copy_shared_prefix(row)
@@ -276,7 +350,9 @@ class Scheduler:
         for row in sorted(ready, key=lambda r: r.remaining):
             chunk = min(row.remaining, self.prefill_chunk)
             wider = (len(group) + 1) * chunk
-            if group and (wider > self.prefill_chunk or wider > 1.2 * (real + chunk)):
+            # Padding is written to the cache too: it must stay within each row's own need.
+            past_need = any(len(other.cached) + chunk > other.need for other, _ in group)
+            if group and (wider > self.prefill_chunk or wider > 1.2 * (real + chunk) or past_need):
                 break
             group.append((row, chunk))
             real += chunk

@@ -1,10 +1,13 @@
-"""A KV cache of fixed slots for the continuous engine, as a transformers `Cache`.
+"""A KV cache of slots for the continuous engine, as a transformers `Cache`.
 
-Each layer holds keys and values of shape [slots, kv_heads, capacity, head_dim], allocated once (on
-the layer's own device, at its first write) and grown by whole chunks when a row needs more room,
-never per step. Before each forward pass the engine says which slots the batch rows are and where
-each row's new tokens go (`plan`); the model's attention layers then write there and read the
-slots' first `kv_length` positions back. Masks and positions are the engine's business.
+Each layer holds keys and values of shape [slots, kv_heads, capacity, head_dim], allocated on the
+layer's own device at its first write. Both sizes follow the rows in flight rather than the batch
+size: `fit` grows the slots (in steps of `slot_sizes`) and the capacity (in whole chunks) when rows
+join that need them, never per step, and gives memory back when the rows' needs fall to half of
+what is held (after a long conversation leaves, say). Before each
+forward pass the engine says which slots the batch rows are and where each row's new tokens go
+(`plan`); the model's attention layers then write there and read the slots' first `kv_length`
+positions back. Masks and positions are the engine's business.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class SlotLayer(CacheLayerMixin):
         self.keys = key_states.new_zeros((slots, key_states.shape[1], capacity, key_states.shape[3]))
         self.values = value_states.new_zeros((slots, value_states.shape[1], capacity, value_states.shape[3]))
         self.is_initialized = True
+        self.cache.peak_bytes = max(self.cache.peak_bytes, self.cache.nbytes)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -68,14 +72,17 @@ class SlotLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.cache.capacity
 
-    def grow(self, capacity: int) -> None:
+    def resize(self, slots: int, capacity: int) -> None:
+        """Reallocate at `slots` x `capacity`, keeping what fits of the slots' contents."""
         if not self.is_initialized:
             return
         for name in ("keys", "values"):
             old = getattr(self, name)
-            new = old.new_zeros((*old.shape[:2], capacity, old.shape[3]))
-            new[:, :, : old.shape[2]] = old
+            new = old.new_zeros((slots, old.shape[1], capacity, old.shape[3]))
+            keep_slots, keep_tokens = min(slots, old.shape[0]), min(capacity, old.shape[2])
+            new[:keep_slots, :, :keep_tokens] = old[:keep_slots, :, :keep_tokens]
             setattr(self, name, new)
+            del old  # this layer's old tensor goes before the next is allocated
 
     def copy(self, source: int, target: int, start: int, stop: int) -> None:
         if self.is_initialized:
@@ -84,11 +91,17 @@ class SlotLayer(CacheLayerMixin):
 
 
 class SlotCache(Cache):
-    """`slots` rows of KV storage, `capacity` tokens each. Capacity grows in whole chunks and by at
-    least a quarter, so the copies that growing takes add up to a few times the final size."""
+    """Up to `max_slots` rows of KV storage, `capacity` tokens each. Capacity grows in whole chunks
+    and by at least a quarter where the budget allows, so the copies that growing takes add up to
+    a few times the final size; the slots held are the smallest of `slot_sizes` that covers the
+    rows asked for."""
 
-    def __init__(self, num_layers: int, slots: int, chunk: int = 64):
-        self.slots, self.chunk, self.capacity = slots, chunk, 4 * chunk
+    def __init__(self, num_layers: int, max_slots: int, chunk: int = 64, slot_sizes: list[int] | None = None):
+        self.chunk, self.capacity = chunk, 4 * chunk
+        self.slot_sizes = sorted({*(slot_sizes or range(4, max_slots, 4)), max_slots})
+        self.slots = self.slot_sizes[0]
+        self.version = 0  # counts reallocations: tensors recorded into a CUDA graph moved
+        self.peak_bytes = 0
         self.step: StepPlan | None = None
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
 
@@ -102,15 +115,42 @@ class SlotCache(Cache):
             rows = slots
         self.step = StepPlan(slots, positions, rows[:, None].expand_as(positions), kv_length)
 
-    @torch.inference_mode()
     def reserve(self, length: int) -> None:
         """Make room for `length` tokens in every slot (in whole chunks, copying what is there)."""
-        if length <= self.capacity:
-            return
-        wanted = max(length, self.capacity + self.capacity // 4)
-        self.capacity = -(-wanted // self.chunk) * self.chunk
+        if length > self.capacity:
+            wanted = max(length, self.capacity + self.capacity // 4)
+            self._resize(self.slots, self.chunks(wanted))
+
+    def fit(self, rows: int, length: int, most: int | None = None) -> None:
+        """Hold at least `rows` slots of `length` tokens, growing capacity by at least a quarter
+        (within `most` cells, if given); give memory back where these rows need at most half of
+        what is held (contents of slots below `rows` and of their first `length` positions are
+        kept)."""
+        slots = next(size for size in self.slot_sizes if size >= rows)
+        capacity = self.chunks(max(length, 1))
+        if slots > self.slots or capacity > self.capacity:  # (slots past the rows hold nothing)
+            roomy = self.capacity + self.capacity // 4 if capacity > self.capacity else self.capacity
+            if most is not None:
+                roomy = min(roomy, most // slots // self.chunk * self.chunk)
+            self._resize(slots, max(capacity, roomy))
+        elif 2 * slots * capacity <= self.slots * self.capacity:
+            self._resize(slots, capacity)
+
+    def cells(self, rows: int, length: int) -> int:
+        """KV positions (slots x capacity) the cache holds for `rows` rows of up to `length` tokens."""
+        return next(size for size in self.slot_sizes if size >= rows) * self.chunks(max(length, 1))
+
+    def chunks(self, length: int) -> int:
+        """`length` tokens rounded up to whole chunks."""
+        return -(-length // self.chunk) * self.chunk
+
+    @torch.inference_mode()
+    def _resize(self, slots: int, capacity: int) -> None:
+        self.slots, self.capacity = slots, capacity
+        self.version += 1
         for layer in self.layers:
-            layer.grow(self.capacity)
+            layer.resize(slots, capacity)
+        self.peak_bytes = max(self.peak_bytes, self.nbytes)
 
     @torch.inference_mode()
     def copy(self, source: int, target: int, start: int, stop: int) -> None:
