@@ -3,11 +3,10 @@
 The scheduler owns the rows in flight (one `RowState` per conversation turn, each in a slot of the
 KV cache), the queue and the idle slots. Each step it admits queued turns (a conversation's next
 turn into its own slot, keeping the cached start of its prompt; new ones into free slots) while
-the cache they need fits the KV budget, copies
-prompt starts that another slot holds, and hands the engine a `PrefillBatch` and a `DecodeBatch`
-to run; `prefilled` and `update` take the results back. Slots stay contiguous: when a row is
-released, the last occupied slot moves into its place. On out-of-memory, `back_off` decides who
-goes back to the queue.
+the cache they need fits the KV budget, copies prompt starts that another slot holds, and hands
+the engine a `PrefillBatch` and a `DecodeBatch` to run; `prefilled` and `update` take the results
+back. Slots stay contiguous: when a row is released, the last occupied slot moves into its place.
+On out-of-memory, `back_off` decides who goes back to the queue.
 
 The KV budget: slots all hold the same capacity, so the cache holds (slots) x (the longest row's
 tokens). A turn joins only while that, with its prompt and max_new_tokens counted, stays within
@@ -60,7 +59,7 @@ class Slots(Protocol):
 
     def copy(self, source: int, target: int, start: int, stop: int) -> None: ...
 
-    def fit(self, rows: int, length: int) -> None: ...
+    def fit(self, rows: int, length: int, most: int | None = None) -> None: ...
 
     def cells(self, rows: int, length: int) -> int: ...
 
@@ -340,8 +339,8 @@ class Scheduler:
 
     def prefill_batch(self) -> PrefillBatch | None:
         """One batched chunk of joining prompts: rows of similar remaining length, padding under 20%
-        and within each row's need, at most `prefill_chunk` tokens. Rows waiting for a shared start copy it first, or wait for
-        the next step. None when no row has prompt left to prefill."""
+        and within each row's need, at most `prefill_chunk` tokens. Rows waiting for a shared start
+        copy it first, or wait for the next step. None when no row has prompt left to prefill."""
         for row in self.rows:
             self._copy_shared_prefix(row)
         group: list[tuple[RowState, int]] = []
