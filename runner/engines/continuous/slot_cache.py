@@ -4,10 +4,10 @@ Each layer holds keys and values of shape [slots, kv_heads, capacity, head_dim],
 layer's own device at its first write. Both sizes follow the rows in flight rather than the batch
 size: `fit` grows the slots (in steps of `slot_sizes`) and the capacity (in whole chunks) when rows
 join that need them, never per step, and gives memory back when the rows' needs fall to half of
-what is held (after a long conversation leaves, say). Before each
-forward pass the engine says which slots the batch rows are and where each row's new tokens go
-(`plan`); the model's attention layers then write there and read the slots' first `kv_length`
-positions back. Masks and positions are the engine's business.
+what is held (after a long conversation leaves, say). Before each forward pass the engine says
+which slots the batch rows are and where each row's new tokens go (`plan`); the model's attention
+layers then write there and read the slots' first `kv_length` positions back. Masks and positions
+are the engine's business.
 """
 
 from __future__ import annotations
