@@ -331,8 +331,9 @@ def test_kv_cache_is_allocated_per_slot_not_per_step(smol_pipeline, smol_model):
 
 def test_a_tight_kv_budget_runs_fewer_rows_and_changes_no_text(smol_pipeline, smol_model):
     pipeline = replay_texts(PipelineEngine(smol_pipeline, replace(GREEDY, max_new_tokens=16)), DOZEN)
-    engine = continuous(smol_model, smol_pipeline, batch_size=8)
-    budget = 6 * 128 * engine.kv_bytes_per_token()  # slots come in 4s: 4 rows of 128 tokens fit, 8 do not
+    config = smol_model.config
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+    budget = 6 * 128 * per_token  # slots come in 4s: 4 rows of 128 tokens fit, 8 do not
     engine = ContinuousEngine(
         smol_model, smol_pipeline.tokenizer, Sampling(max_new_tokens=16), 8, 512, kv_budget_bytes=budget
     )
