@@ -92,7 +92,9 @@ def load_engine(cfg: RunConfig, workload: Workload, run_dir: Path | None = None)
     measure_with_template(workload, tokenizer, cfg)
     plan = check_memory(cfg, setup, workload)
     log.info("loading %s (%s) for engine=%s", cfg.model.name, setup.location, setup.choice.kind.value)
-    ready = EngineSetup(setup.hardware, setup.arguments, tokenizer, plan.batch_rows, setup.architecture)
+    ready = EngineSetup(
+        setup.hardware, setup.arguments, tokenizer, plan.batch_rows, setup.architecture, plan.kv_budget_bytes
+    )
     engine = build_engine(cfg, setup.choice.kind, ready)
     loaded = LoadedEngine(
         engine,

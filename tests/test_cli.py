@@ -97,6 +97,10 @@ def test_replay_end_to_end(quant, write_jsonl, tmp_path, embedded_dir):
     # Two conversations: the batch has two rows at most.
     assert (summary["engine"], summary["batch_size"]) == ("continuous", {"configured": 2, "final": 2})
     assert summary["cache"]["reused_tokens"] > 0  # second turns reused the first turns' KV cache
+    # On a CPU the KV cache runs within the budget the memory plan printed.
+    budget = summary["memory_plan"]["kv_budget_bytes"]
+    assert budget > 0 and summary["cache"]["kv_budget_bytes"] == budget
+    assert 0 < summary["cache"]["kv_bytes"] <= budget
     steps = summary["steps"]
     assert steps["decode_rows"] == summary["generated_tokens"]  # one token per decoding row per step
     assert 0 < steps["decode_seconds"] + steps["prefill_seconds"] <= steps["step_seconds"]

@@ -34,13 +34,14 @@ class EngineChoice:
 class EngineSetup:
     """What the app has ready before any engine exists: the machine, the translated load arguments,
     the tokenizer (the chat template already checked every conversation), the batch the memory
-    plan allows, and the model's architecture figures."""
+    plan allows, the model's architecture figures, and the KV budget the plan resolved."""
 
     hardware: Hardware
     arguments: Any  # runner.model.arguments.TransformersArguments
     tokenizer: Any
     batch_rows: int
     architecture: ArchitectureConfig | None = None
+    kv_budget_bytes: int | None = None  # engine.kv_cache_gb as the plan resolved it (None: no limit)
 
 
 @dataclass(frozen=True)

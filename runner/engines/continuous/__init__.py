@@ -27,7 +27,6 @@ def build(cfg: RunConfig, setup: EngineSetup) -> Engine:
     """The model alone, prepared by `prepare_model`, behind the continuous engine."""
     from runner.engines.continuous.engine import ContinuousEngine
     from runner.model.loading import load_causal_lm
-    from runner.planning.plan import kv_budget
 
     model = load_causal_lm(setup.arguments.load)
     if model.generation_config.pad_token_id is None:
@@ -37,10 +36,7 @@ def build(cfg: RunConfig, setup: EngineSetup) -> Engine:
     cuda_graphs = cfg.engine.cuda_graphs and model.device.type == "cuda" and len(devices) == 1
     if cfg.engine.cuda_graphs and not cuda_graphs:
         log.warning("engine.cuda_graphs needs the model on one CUDA device; this run decodes without graphs")
-    on_cpu = model.device.type == "cpu"
-    budget = kv_budget(
-        cfg.engine.kv_cache_gb, setup.hardware.cpu_free if on_cpu else None, model.get_memory_footprint()
-    )
+    budget = setup.kv_budget_bytes  # as the memory plan resolved and printed it
     if budget is not None:
         log.info("KV cache: at most %.2f GB (engine.kv_cache_gb=%s)", budget / 1e9, cfg.engine.kv_cache_gb)
     return ContinuousEngine(
