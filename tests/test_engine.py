@@ -182,8 +182,9 @@ def test_continuous_greedy_replay_equals_the_pipeline_at_any_batch_size(smol_pip
 
 
 def test_the_engine_s_preparation_of_the_model_keeps_the_logits_bit_for_bit(embedded_dir, smol_model):
-    """Joined projections, fused norms and grouped-query attention change no bit of a prefill, a
-    decode pass or a gathered prefill against the model with its linears packed alone."""
+    """Joined projections, fused norms, grouped-query attention and the decoder run op by op change
+    no bit of a prefill, a decode pass or a gathered prefill against transformers' forward of the
+    model with its linears packed alone."""
     import torch
 
     from runner.engines.continuous.cpu_linear import use_onednn_linear
@@ -202,7 +203,10 @@ def test_the_engine_s_preparation_of_the_model_keeps_the_logits_bit_for_bit(embe
         cache = SlotCache(model.config.num_hidden_layers, 16)
         cache.fit(3, 64)
         forward = Forward(model, cache)
-        if model is plain:  # Forward sets its own attention function: take it back
+        # The prepared model runs its decoder op by op (direct_layers.py), the plain one through
+        # transformers' forward, with transformers' own SDPA.
+        assert (forward.direct is None) == (model is plain)
+        if model is plain:
             model.set_attn_implementation("sdpa")
         outputs.append(
             [
@@ -390,17 +394,17 @@ def test_template_that_rewrites_history_falls_back_to_a_full_prefill(smol_pipeli
 
 def test_out_of_memory_lowers_the_slots_and_generates_every_turn_once(smol_pipeline, smol_model, monkeypatch):
     expected = replay_texts(continuous(smol_model, smol_pipeline, 4, max_new_tokens=8), DOZEN)
-    real_forward, passes = smol_model.forward, []
+    engine = continuous(smol_model, smol_pipeline, 4, max_new_tokens=8)
+    real_pass, passes = engine.forward.run, []
 
-    def forward_that_fits_two_rows(**kwargs):
-        rows = kwargs["input_ids"].shape[0]
+    def pass_that_fits_two_rows(input_ids, positions, kv_length):
+        rows = input_ids.shape[0]
         if rows > 2:  # what PyTorch's CPU allocator raises when a batch does not fit
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes.")
         passes.append(rows)
-        return real_forward(**kwargs)
+        return real_pass(input_ids, positions, kv_length)
 
-    monkeypatch.setattr(smol_model, "forward", forward_that_fits_two_rows)
-    engine = continuous(smol_model, smol_pipeline, 4, max_new_tokens=8)
+    monkeypatch.setattr(engine.forward, "run", pass_that_fits_two_rows)
     replies = []
     results = list(
         replay_all(

@@ -1,6 +1,7 @@
 """One forward pass of the continuous engine: a batch of rows' tokens through the model into their
 slots of the KV cache, with the positions and attention masks (sliding windows included) that the
-slots' contents need; returns the logits of each row's last token.
+slots' contents need; returns the logits of each row's last token. A Llama-family decoder runs op
+by op (direct_layers.py), any other model through transformers' forward.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 
 from runner.engines.continuous.attention import use_grouped_query_sdpa
+from runner.engines.continuous.direct_layers import direct_layers
 from runner.engines.continuous.slot_cache import SlotCache
 
 ATTENTION_LAYERS = {"full_attention", "sliding_attention"}
@@ -29,6 +31,7 @@ class Forward:
             )
         self.model, self.cache = model, cache
         use_grouped_query_sdpa(model)
+        self.direct = direct_layers(model, self.layer_types)  # None: transformers' forward runs
         self.sliding_window = getattr(text, "sliding_window", None)
         self.device = model.device
         # transformers 5.24 renamed the cache argument from past_key_values to cache.
@@ -58,6 +61,8 @@ class Forward:
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_length: int) -> torch.Tensor:
         """The pass the cache's plan describes: logits of each row's last token, [rows, vocab]."""
         masks = self.masks(positions, kv_length)
+        if self.direct is not None:
+            return self.direct(input_ids, positions, masks["full_attention"], self.cache)
         with torch.inference_mode():
             output = self.model(
                 input_ids=input_ids,
