@@ -365,11 +365,13 @@ def test_the_kv_cache_holds_the_slots_and_capacity_the_rows_need_and_gives_memor
     )
     cache.fit(rows=9, length=300)  # what is held still fits: nothing moves
     assert cache.version == 1
+    cache.fit(rows=6, length=390)  # a longer row joins: capacity grows, the slots held are kept
+    assert (cache.slots, cache.capacity, cache.version) == (12, 448, 2)
     peak = cache.nbytes
-    cache.fit(rows=4, length=100)  # the long rows left: a quarter is needed
-    assert (cache.slots, cache.capacity, cache.version) == (4, 128, 2)
+    cache.fit(rows=4, length=100)  # the long rows left: a fraction is needed
+    assert (cache.slots, cache.capacity, cache.version) == (4, 128, 3)
     assert bool((cache.layers[0].keys[3, :, :100] == 7.0).all())
-    assert cache.nbytes == peak // 7.5 and cache.peak_bytes == peak
+    assert cache.nbytes == peak // 10.5 and cache.peak_bytes == peak
     assert cache.cells(rows=5, length=65) == 8 * 128
 
 

@@ -129,6 +129,10 @@ class SlotCache(Cache):
         slots = next(size for size in self.slot_sizes if size >= rows)
         capacity = self.chunks(max(length, 1))
         if slots > self.slots or capacity > self.capacity:  # (slots past the rows hold nothing)
+            if most is None or self.slots * capacity <= most:
+                # Growing one size keeps the other: every resize copies the whole cache (0.4 s at
+                # 0.7 GB here), and rows that just left are soon replaced.
+                slots = max(slots, self.slots)
             roomy = self.capacity + self.capacity // 4 if capacity > self.capacity else self.capacity
             if most is not None:
                 roomy = min(roomy, most // slots // self.chunk * self.chunk)
