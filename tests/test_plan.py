@@ -251,3 +251,53 @@ def test_a_quantized_cpu_run_closes_with_the_note_and_its_own_speed(write_jsonl,
         r"quant=int8 shrinks the weights but is no faster on a CPU: .*; this run: [\d.]+ tokens/s",
         done.stderr,
     )
+
+
+def write_cgroup(directory, files):
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (directory / name).write_text(text)
+
+
+def test_free_ram_is_the_tightest_memory_cgroup_s_room_as_a_slurm_job_sees_it(tmp_path):
+    """A SLURM job's `--mem` is its cgroup's limit, far below the node's free RAM: the plan and the
+    KV budget must count from it (cgroup v2 and v1, the tightest of the job's cgroup and those
+    above it, reclaimable file cache not counted as used)."""
+    from runner.model.hardware import cgroup_memory
+
+    root = tmp_path / "cgroup"
+    membership = tmp_path / "self_cgroup"
+    membership.write_text("0::/system.slice/slurmstepd.scope/job_42/step_0\n")
+    scope = root / "system.slice" / "slurmstepd.scope"
+    write_cgroup(scope, {"memory.max": "8000000000\n", "memory.current": "1500000000\n", "memory.stat": ""})
+    write_cgroup(
+        scope / "job_42",
+        {
+            "memory.max": "4000000000\n",
+            "memory.current": "1500000000\n",
+            "memory.stat": "anon 900000000\ninactive_file 500000000\nactive_file 100000000\n",
+        },
+    )
+    step = {"memory.max": "max\n", "memory.current": "1", "memory.stat": ""}
+    write_cgroup(scope / "job_42" / "step_0", step)
+    assert cgroup_memory(root, membership) == (4 * GB, 1 * GB)
+
+    membership.write_text("7:cpu,cpuacct:/slurm/job_7\n4:memory:/slurm/uid_0/job_7\n")
+    write_cgroup(
+        root / "memory" / "slurm" / "uid_0" / "job_7",
+        {
+            "memory.limit_in_bytes": "2000000000\n",
+            "memory.usage_in_bytes": "300000000\n",
+            "memory.stat": "cache 0\ntotal_inactive_file 0\n",
+        },
+    )
+    # v1 writes "no limit" as 2**63 rounded down to a page
+    write_cgroup(
+        root / "memory",
+        {"memory.limit_in_bytes": "9223372036854771712\n", "memory.usage_in_bytes": "7", "memory.stat": ""},
+    )
+    assert cgroup_memory(root, membership) == (2 * GB, 300_000_000)
+
+    membership.write_text("4:memory:/\n")
+    assert cgroup_memory(root, membership) is None  # no limit anywhere
+    assert cgroup_memory(root, tmp_path / "missing") is None  # not Linux, or no cgroups

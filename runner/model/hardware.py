@@ -52,16 +52,71 @@ def use_granted_cpus() -> int:
 
 def detect_hardware() -> Hardware:
     memory = psutil.virtual_memory()
+    cpu_free, cpu_total = memory.available, memory.total
+    if (limit := cgroup_memory()) is not None:  # a SLURM job's --mem, a container's limit
+        cpu_total = min(cpu_total, limit[0])
+        cpu_free = min(cpu_free, limit[0] - limit[1])
     if not torch.cuda.is_available():
-        return Hardware(cpu_free=memory.available, cpu_total=memory.total)
+        return Hardware(cpu_free=cpu_free, cpu_total=cpu_total)
     count = torch.cuda.device_count()
     return Hardware(
         cuda_devices=count,
         cuda_bf16=torch.cuda.is_bf16_supported(),
         cuda_free=tuple(torch.cuda.mem_get_info(index)[0] for index in range(count)),
-        cpu_free=memory.available,
-        cpu_total=memory.total,
+        cpu_free=cpu_free,
+        cpu_total=cpu_total,
     )
+
+
+def cgroup_memory(
+    root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")
+) -> tuple[int, int] | None:
+    """(limit, in use) in bytes of the tightest memory limit on this process's cgroups (its own
+    and each one above it, cgroup v2 or v1), or None where none is set.
+
+    Why: psutil reports the node's free RAM, but a SLURM job (`--mem`, enforced by its cgroup) or a
+    container is killed at its cgroup's limit, which may be far below that. In use counts what the
+    kernel cannot reclaim: the cgroup's usage less its inactive file cache, as container runtimes
+    count a working set."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return None
+    tightest = None
+    for line in lines:
+        number, controllers, path = line.split(":", 2)
+        if number == "0" and not controllers:  # v2
+            files = ("memory.max", "memory.current", "inactive_file")
+            base = root
+        elif "memory" in controllers.split(","):  # v1
+            files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+            base = root / "memory"
+        else:
+            continue
+        group = base / path.lstrip("/")
+        for directory in (group, *group.parents):
+            room = _cgroup_room(directory, *files)
+            if room is not None and (tightest is None or room[0] - room[1] < tightest[0] - tightest[1]):
+                tightest = room
+            if directory == base:
+                break
+    return tightest
+
+
+def _cgroup_room(
+    directory: Path, limit_file: str, usage_file: str, inactive_key: str
+) -> tuple[int, int] | None:
+    """(limit, in use) of one cgroup directory; None where it sets no limit or cannot be read."""
+    try:
+        limit = (directory / limit_file).read_text().strip()
+        usage = int((directory / usage_file).read_text())
+        stat = (directory / "memory.stat").read_text().split()
+    except (OSError, ValueError):
+        return None
+    if not limit.isdigit() or int(limit) >= 2**60:  # "max" (v2) or v1's page-rounded 2**63
+        return None
+    inactive = dict(zip(stat[::2], stat[1::2], strict=False)).get(inactive_key, "0")
+    return int(limit), max(usage - int(inactive), 0)
 
 
 def run_hardware(plan_gpus: list[str]) -> Hardware:
