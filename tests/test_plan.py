@@ -282,7 +282,7 @@ def test_free_ram_is_the_tightest_memory_cgroup_s_room_as_a_slurm_job_sees_it(tm
     write_cgroup(scope / "job_42" / "step_0", step)
     assert cgroup_memory(root, membership) == (4 * GB, 1 * GB)
 
-    membership.write_text("7:cpu,cpuacct:/slurm/job_7\n4:memory:/slurm/uid_0/job_7\n")
+    membership.write_text("7:cpu,cpuacct:/slurm/job_7\nnot a cgroup line\n4:memory:/slurm/uid_0/job_7\n")
     write_cgroup(
         root / "memory" / "slurm" / "uid_0" / "job_7",
         {

@@ -55,7 +55,7 @@ def detect_hardware() -> Hardware:
     cpu_free, cpu_total = memory.available, memory.total
     if (limit := cgroup_memory()) is not None:  # a SLURM job's --mem, a container's limit
         cpu_total = min(cpu_total, limit[0])
-        cpu_free = min(cpu_free, limit[0] - limit[1])
+        cpu_free = max(min(cpu_free, limit[0] - limit[1]), 0)
     if not torch.cuda.is_available():
         return Hardware(cpu_free=cpu_free, cpu_total=cpu_total)
     count = torch.cuda.device_count()
@@ -84,6 +84,8 @@ def cgroup_memory(
         return None
     tightest = None
     for line in lines:
+        if line.count(":") < 2:
+            continue
         number, controllers, path = line.split(":", 2)
         if number == "0" and not controllers:  # v2
             files = ("memory.max", "memory.current", "inactive_file")

@@ -3,9 +3,9 @@
 engine.py is the thin engine, scheduler.py decides each step (admission, prefix sharing, slot
 compaction, the out-of-memory policy) as data, forward.py runs it through the model (attention.py:
 its attention function; direct_layers.py: a Llama-family decoder op by op), slot_cache.py holds the
-KV cache, sampling.py picks each row's token,
-fused_projections.py joins projections, rms_norm.py fuses norms and cpu_linear.py packs CPU
-weights at load, and decode_graphs.py records decode passes as CUDA graphs.
+KV cache, sampling.py picks each row's token, fused_projections.py joins projections, rms_norm.py
+fuses norms and cpu_linear.py packs CPU weights at load, and decode_graphs.py records decode
+passes as CUDA graphs.
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ class DirectLayers:
         rows, tokens = input_ids.shape
         hidden = self.embed(input_ids)
         cos, sin = self.rotary(hidden, positions)
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [rows, tokens, 1, head_dim]: every head's
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [rows, tokens, 1, head_dim]: shared by the heads
         half, queries, rotated = self.head_dim // 2, self.query_heads, self.rotated_heads
         for index, ops in enumerate(self.layers):
             # [rows, tokens, heads, head_dim]: q's heads, then k's, then v's.
