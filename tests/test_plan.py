@@ -301,3 +301,13 @@ def test_free_ram_is_the_tightest_memory_cgroup_s_room_as_a_slurm_job_sees_it(tm
     membership.write_text("4:memory:/\n")
     assert cgroup_memory(root, membership) is None  # no limit anywhere
     assert cgroup_memory(root, tmp_path / "missing") is None  # not Linux, or no cgroups
+
+
+def test_the_plan_s_free_ram_is_the_cgroup_s_room_where_that_is_less(monkeypatch):
+    from runner.model import hardware
+
+    monkeypatch.setattr(hardware, "cgroup_memory", lambda: (2 * GB, GB // 2))
+    found = hardware.detect_hardware()
+    assert (found.cpu_free, found.cpu_total) == (GB * 3 // 2, 2 * GB)
+    monkeypatch.setattr(hardware, "cgroup_memory", lambda: None)
+    assert hardware.detect_hardware().cpu_total > 2 * GB  # this machine's RAM, no cgroup limit
