@@ -344,7 +344,7 @@ def test_a_tight_kv_budget_runs_fewer_rows_and_changes_no_text(smol_pipeline, sm
     assert replay_texts(engine, DOZEN) == pipeline
     counts = engine.counters().cache
     assert counts.kv_budget_waits > 0 and counts.kv_budget_bytes == budget
-    assert 0 < counts.kv_bytes <= budget
+    assert 0 < counts.kv_written_bytes <= counts.kv_bytes <= budget
 
 
 def test_the_kv_cache_holds_the_slots_and_capacity_the_rows_need_and_gives_memory_back():
@@ -357,12 +357,14 @@ def test_the_kv_cache_holds_the_slots_and_capacity_the_rows_need_and_gives_memor
         layer.lazy_initialization(torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8))
     assert (cache.slots, cache.capacity) == (4, 256)
     cache.layers[0].keys[3, :, :200] = 7.0
+    cache.layers[0].keys[2, :, :50] = 5.0
+    cache.wrote([3, 2], [200, 50])
     cache.fit(rows=10, length=300)  # a row joins past the slots held: slots in steps of 4
     assert (cache.slots, cache.capacity, cache.version) == (12, 320, 1)
     assert cache.layers[1].values.shape == (12, 2, 320, 8)
-    assert (
-        bool((cache.layers[0].keys[3, :, :200] == 7.0).all()) and cache.layers[0].keys[3:, :, 200:].sum() == 0
-    )
+    keys = cache.layers[0].keys
+    assert bool((keys[3, :, :200] == 7.0).all()) and bool((keys[2, :, :50] == 5.0).all())
+    assert cache.layers[0].keys.sum() == 7 * 200 * 2 * 8 + 5 * 50 * 2 * 8  # what was written, and zeros
     cache.fit(rows=9, length=300)  # what is held still fits: nothing moves
     assert cache.version == 1
     cache.fit(rows=6, length=390)  # a longer row joins: capacity grows, the slots held are kept
@@ -373,6 +375,39 @@ def test_the_kv_cache_holds_the_slots_and_capacity_the_rows_need_and_gives_memor
     assert bool((cache.layers[0].keys[3, :, :100] == 7.0).all())
     assert cache.nbytes == peak // 10.5 and cache.peak_bytes == peak
     assert cache.cells(rows=5, length=65) == 8 * 128
+
+
+def test_the_kv_cache_holds_memory_only_where_rows_wrote():
+    import psutil
+    import torch
+
+    from runner.engines.continuous.slot_cache import SlotCache
+
+    process = psutil.Process()
+    cache = SlotCache(num_layers=2, max_slots=32)
+    cache.fit(rows=32, length=4096)  # a long row joins: 2 x 2 x 128 MiB of rectangle
+    before = process.memory_info().rss
+    for layer in cache.layers:  # 4 KV heads of 64 dims: a page holds 16 positions of a head
+        layer.lazy_initialization(torch.zeros(1, 4, 1, 64), torch.zeros(1, 4, 1, 64))
+        layer.keys[:, :, :100] = 1.0
+        layer.values[:, :, :100] = 1.0
+    cache.wrote(range(32), [100] * 32)
+    assert cache.nbytes == 2 * 2 * 32 * 4 * 4096 * 64 * 4
+    assert cache.written_bytes == 2 * 2 * 32 * 4 * 7 * 4096  # 100 positions: 7 pages a head
+    assert process.memory_info().rss - before < 2 * cache.written_bytes < cache.nbytes // 10
+    assert float(cache.layers[1].keys.sum()) == 32 * 4 * 100 * 64  # unwritten positions read as zeros
+
+    cache.forget(5, start=50)  # slot 5's row left for a 50-token one: its pages past 50 go back
+    cache.forget(31)
+    assert cache.extents[5] == 50 and cache.extents[31] == 0
+    assert cache.written_bytes == 2 * 2 * 4 * (30 * 7 + 4) * 4096
+    assert float(cache.layers[0].values[31].abs().sum()) == 0
+    assert bool((cache.layers[0].values[5, :, :48] == 1).all())  # whole pages only: 48 = 3 x 16
+    assert float(cache.layers[0].values[5, :, 64:].abs().sum()) == 0
+
+    cache.fit(rows=32, length=8192)  # a resize copies what was written, and holds no more
+    assert bool((cache.layers[1].keys[:5, :, :100] == 1).all()) and cache.written_bytes < cache.nbytes // 40
+    assert process.memory_info().rss - before < 2 * cache.written_bytes
 
 
 def test_template_that_rewrites_history_falls_back_to_a_full_prefill(smol_pipeline, smol_model):

@@ -48,13 +48,17 @@ class FakeText:
 
 
 class FakeCache:
-    """Records the copies asked of it and the sizes it is fitted to; holds rows x length cells."""
+    """Records the copies asked of it, the slots it gives back and the sizes it is fitted to;
+    holds rows x length cells."""
 
     def __init__(self):
-        self.copies, self.fits = [], []
+        self.copies, self.fits, self.forgotten = [], [], []
 
     def copy(self, source, target, start, stop):
         self.copies.append((source, target, start, stop))
+
+    def forget(self, slot, start=0):
+        self.forgotten.append((slot, start))
 
     def fit(self, rows, length, most=None):
         self.fits.append((rows, length))
@@ -233,6 +237,8 @@ def test_a_released_slot_takes_the_last_occupied_one_so_slots_stay_contiguous():
     assert (request.stream, reply.text) == (0, "2")
     # Slot 2's row moved into slot 0, its KV with it: the prompt and the token just fed.
     assert s.cache.copies == [(2, 0, 0, 5)]
+    # What slot 0 held past those 5 positions, and all of slot 2, give their memory back.
+    assert s.cache.forgotten == [(0, 5), (2, 0)]
     assert [(row.stream, row.slot) for row in s.rows] == [(2, 0), (1, 1)]
     decode = s.decode_batch()
     assert (decode.input_ids, decode.starts) == ([[50], [40]], [5, 5])
@@ -297,6 +303,7 @@ def test_out_of_memory_sends_the_newest_rows_back_and_halves_the_batch():
     assert [row.stream for row in s.rows] == [0, 1]
     assert list(s.queue) == [requests[2], requests[3], requests[4]]  # they start again, in order
     assert s.cache.copies == []  # the last slots were freed: nothing moved
+    assert s.cache.forgotten == [(3, 0), (2, 0)]
     assert s.free_slots() == 0
 
 

@@ -18,13 +18,13 @@ never holds both copies; tied embeddings then read back from the file only the r
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import mmap
 import os
 from typing import Any
 
 import torch
+
+from runner.engines.continuous.mapped_zeros import give_back
 
 # Entries of oneDNN's kernel caches: a decode pass's five linear shapes at a dozen row counts.
 CACHED_SHAPES = 64
@@ -100,10 +100,5 @@ def release_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
     which holds the same weights (inference never writes them), so nothing is lost."""
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()
-    if not any(low <= start and end <= high for low, high in mapped) or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-    last = end // mmap.PAGESIZE * mmap.PAGESIZE
-    if last > first:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+    if any(low <= start and end <= high for low, high in mapped):
+        give_back(start, end)

@@ -70,6 +70,7 @@ class DecodeGraphs:
         bucket = self.buckets.get(size)
         self.used.add(size)
         padding = size - rows
+        cache.wrote(range(size), [start + 1 for start in starts] + [1] * padding)
         ids = torch.tensor([token for (token,) in input_ids] + [self.pad] * padding)
         positions = torch.tensor(starts + [0] * padding)
         if bucket is None:

@@ -45,7 +45,8 @@ class CacheCounts:
     shared_tokens: int  # copied from another slot that held the same prompt start
     prefix_mismatches: int  # next turns whose re-rendered prompt changed tokens the slot held
     kv_budget_waits: int  # admissions that left a turn waiting for room in the KV budget
-    kv_bytes: int  # the most the cache held at once
+    kv_bytes: int  # the most the cache held at once (its slots x capacity)
+    kv_written_bytes: int  # the most of it written at once: on a CPU, what it held in memory
     kv_budget_bytes: int | None  # engine.kv_cache_gb, resolved (None: no limit)
     slot_tokens: int  # each slot's capacity at the end
 
@@ -164,6 +165,7 @@ class ContinuousEngine(ChatModel):
             cache=CacheCounts(
                 **self.stats,
                 kv_bytes=self.cache.peak_bytes,
+                kv_written_bytes=self.cache.peak_written_bytes,
                 kv_budget_bytes=self.kv_budget_bytes,
                 slot_tokens=self.cache.capacity,
             ),

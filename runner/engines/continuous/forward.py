@@ -52,6 +52,8 @@ class Forward:
         positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(
             tokens, device=self.device
         )
+        rows = range(slots.start, slots.stop) if isinstance(slots, slice) else slots
+        self.cache.wrote(rows, [start + tokens for start in starts])
         if not isinstance(slots, slice):
             slots = torch.tensor(slots, device=self.device)
         kv_length = max(starts) + tokens

@@ -59,6 +59,8 @@ class Slots(Protocol):
 
     def copy(self, source: int, target: int, start: int, stop: int) -> None: ...
 
+    def forget(self, slot: int, start: int = 0) -> None: ...
+
     def fit(self, rows: int, length: int, most: int | None = None) -> None: ...
 
     def cells(self, rows: int, length: int) -> int: ...
@@ -327,13 +329,17 @@ class Scheduler:
             row.phase = Phase.decode
 
     def release(self, row: RowState) -> None:
-        """Free a row's slot; the last occupied slot moves into it so occupied slots stay 0..n-1."""
+        """Free a row's slot; the last occupied slot moves into it so occupied slots stay 0..n-1.
+        What the freed slot held past the moved row's tokens, and the last slot, hold nothing now:
+        the cache gives their memory back."""
         self.idle.pop(row.stream, None)
         last = self.rows.pop()
         if last is not row:
             self.cache.copy(last.slot, row.slot, 0, len(last.cached))
+            self.cache.forget(row.slot, len(last.cached))
             last.slot = row.slot
             self.rows[row.slot] = last
+        self.cache.forget(len(self.rows))
 
     # -- the step's passes -----------------------------------------------------------------------
 

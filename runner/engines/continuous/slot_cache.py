@@ -8,14 +8,24 @@ what is held (after a long conversation leaves, say). Before each forward pass t
 which slots the batch rows are and where each row's new tokens go (`plan`); the model's attention
 layers then write there and read the slots' first `kv_length` positions back. Masks and positions
 are the engine's business.
+
+On a CPU the rectangle holds memory only where rows wrote (mapped_zeros.py): the cache keeps each
+slot's extent, the positions written to, so a resize copies only those, and a slot whose
+conversation left gives its pages back (`forget`). What the memory holds then follows the rows'
+own lengths, not the longest row's times the slots.
 """
 
 from __future__ import annotations
 
+import mmap
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+from runner.engines.continuous.mapped_zeros import forget, mapped_zeros
 
 
 @dataclass
@@ -41,8 +51,9 @@ class SlotLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         slots, capacity = self.cache.slots, self.cache.capacity
-        self.keys = key_states.new_zeros((slots, key_states.shape[1], capacity, key_states.shape[3]))
-        self.values = value_states.new_zeros((slots, value_states.shape[1], capacity, value_states.shape[3]))
+        shape = (slots, key_states.shape[1], capacity, key_states.shape[3])
+        self.keys = mapped_zeros(shape, key_states.dtype, key_states.device)
+        self.values = mapped_zeros(shape, value_states.dtype, value_states.device)
         self.is_initialized = True
         self.cache.peak_bytes = max(self.cache.peak_bytes, self.cache.nbytes)
 
@@ -72,17 +83,31 @@ class SlotLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.cache.capacity
 
-    def resize(self, slots: int, capacity: int) -> None:
-        """Reallocate at `slots` x `capacity`, keeping what fits of the slots' contents."""
+    def resize(self, slots: int, capacity: int, extents: list[int]) -> None:
+        """Reallocate at `slots` x `capacity`, keeping what fits of each slot's first `extents[slot]`
+        positions (only what was written: the rest of a new CPU tensor holds no memory)."""
         if not self.is_initialized:
             return
         for name in ("keys", "values"):
             old = getattr(self, name)
-            new = old.new_zeros((slots, old.shape[1], capacity, old.shape[3]))
-            keep_slots, keep_tokens = min(slots, old.shape[0]), min(capacity, old.shape[2])
-            new[:keep_slots, :, :keep_tokens] = old[:keep_slots, :, :keep_tokens]
+            new = mapped_zeros((slots, old.shape[1], capacity, old.shape[3]), old.dtype, old.device)
+            for slot, extent in enumerate(extents[: min(slots, old.shape[0])]):
+                keep = min(extent, capacity, old.shape[2])
+                if keep:
+                    new[slot, :, :keep] = old[slot, :, :keep]
             setattr(self, name, new)
             del old  # this layer's old tensor goes before the next is allocated
+
+    def forget(self, slot: int, start: int) -> None:
+        """Give back the memory of a slot's positions from `start` on (see mapped_zeros.forget)."""
+        if not self.is_initialized:
+            return
+        for tensor in (self.keys[slot], self.values[slot]):  # [heads, capacity, head_dim]
+            if start == 0:
+                forget(tensor, 0, tensor.numel())
+                continue
+            for head in tensor:
+                forget(head, start * head.shape[1], head.numel())
 
     def copy(self, source: int, target: int, start: int, stop: int) -> None:
         if self.is_initialized:
@@ -102,6 +127,8 @@ class SlotCache(Cache):
         self.slots = self.slot_sizes[0]
         self.version = 0  # counts reallocations: tensors recorded into a CUDA graph moved
         self.peak_bytes = 0
+        self.extents = [0] * self.slots  # per slot: the positions written, 0..extent-1
+        self.peak_written_bytes = 0
         self.step: StepPlan | None = None
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
 
@@ -114,6 +141,19 @@ class SlotCache(Cache):
         else:
             rows = slots
         self.step = StepPlan(slots, positions, rows[:, None].expand_as(positions), kv_length)
+
+    def wrote(self, slots: Iterable[int], ends: Iterable[int]) -> None:
+        """Note that each of `slots` is written up to position `end` - 1 (what a resize keeps)."""
+        for slot, end in zip(slots, ends, strict=True):
+            self.extents[slot] = max(self.extents[slot], end)
+        self.peak_written_bytes = max(self.peak_written_bytes, self.written_bytes)
+
+    def forget(self, slot: int, start: int = 0) -> None:
+        """The slot's positions from `start` on hold nothing the rows need: give their memory back."""
+        if self.extents[slot] > start:
+            for layer in self.layers:
+                layer.forget(slot, start)
+            self.extents[slot] = start
 
     def reserve(self, length: int) -> None:
         """Make room for `length` tokens in every slot (in whole chunks, copying what is there)."""
@@ -150,10 +190,12 @@ class SlotCache(Cache):
 
     @torch.inference_mode()
     def _resize(self, slots: int, capacity: int) -> None:
+        self.extents = [min(extent, capacity) for extent in self.extents[:slots]]
+        self.extents += [0] * (slots - len(self.extents))
         self.slots, self.capacity = slots, capacity
         self.version += 1
         for layer in self.layers:
-            layer.resize(slots, capacity)
+            layer.resize(slots, capacity, self.extents)
         self.peak_bytes = max(self.peak_bytes, self.nbytes)
 
     @torch.inference_mode()
@@ -162,7 +204,25 @@ class SlotCache(Cache):
         contiguous, or to share the KV of a prompt's start that both slots' tokens agree on)."""
         for layer in self.layers:
             layer.copy(source, target, start, stop)
+        self.wrote([target], [stop])
 
     @property
     def nbytes(self) -> int:
         return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers if layer.is_initialized)
+
+    @property
+    def written_bytes(self) -> int:
+        """The bytes of the slots' written positions, in whole pages on a CPU (what the memory holds
+        there; on other devices the whole cache is held, `nbytes`)."""
+        layers = [layer for layer in self.layers if layer.is_initialized]
+        if not layers or layers[0].keys.device.type != "cpu":
+            return self.nbytes
+        # Per layer its heads and one position of one head in bytes: usually the same for all.
+        shapes = Counter(
+            (layer.keys.shape[1], layer.keys.shape[3] * layer.keys.element_size()) for layer in layers
+        )
+        total = 0
+        for (heads, row), count in shapes.items():
+            pages = sum(-(-extent * row // mmap.PAGESIZE) for extent in self.extents)
+            total += count * 2 * heads * pages * mmap.PAGESIZE
+        return total

@@ -1,0 +1,60 @@
+"""Zero tensors on a CPU whose memory is taken from the OS page by page as it is written.
+
+Why: the KV cache is a rectangle, every slot as long as the longest row in flight, but each row
+writes only its own tokens. A tensor from an anonymous private memory mapping reads as zeros and
+holds no memory until a page (4 KiB, 16 positions of a 64-wide head) is first written, so the
+process's memory follows what the rows wrote, not the rectangle. Reading an unwritten page maps
+the kernel's one shared zero page, which counts for nothing and stays in the CPU's cache. Freeing
+the tensor unmaps it at once (glibc would keep a freed 16 MiB tensor on its heap), and `forget`
+gives a range back (a slot whose conversation left) without freeing the tensor.
+
+Elsewhere (another device, or a system without anonymous mappings) these are plain zeros.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+import mmap
+
+import torch
+
+FLAGS = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+
+
+def mapped_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor of `shape`; on a CPU backed by pages that hold memory once written."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if torch.device(device).type != "cpu" or not FLAGS or nbytes == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    memory = mmap.mmap(-1, nbytes, flags=FLAGS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # a 2 MiB page would hold memory for unwritten rows
+        memory.madvise(mmap.MADV_NOHUGEPAGE)
+    # The tensor keeps the mapping alive; when the last view of it goes, the mapping is unmapped.
+    return torch.frombuffer(memory, dtype=dtype).view(shape)
+
+
+def forget(tensor: torch.Tensor, start: int, stop: int) -> None:
+    """Give back the whole pages within elements start..stop-1 (flat order) of a contiguous
+    `mapped_zeros` tensor on a CPU: they read as zeros again. A no-op on other devices."""
+    if tensor.device.type != "cpu" or not FLAGS:
+        return
+    address, size = tensor.data_ptr(), tensor.element_size()
+    give_back(address + start * size, address + stop * size)
+
+
+def give_back(start: int, end: int) -> None:
+    """Drop the resident pages wholly inside the address range start..end-1 (Linux): an anonymous
+    page reads as zeros again, a file-backed one reads back from its file."""
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
