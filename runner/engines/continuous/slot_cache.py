@@ -170,8 +170,9 @@ class SlotCache(Cache):
         capacity = self.chunks(max(length, 1))
         if slots > self.slots or capacity > self.capacity:  # (slots past the rows hold nothing)
             if most is None or self.slots * capacity <= most:
-                # Growing one size keeps the other: every resize copies the whole cache (0.44 s
-                # for 0.9 GB on the development machine), and rows that just left are soon replaced.
+                # Growing one size keeps the other: every resize copies what the slots hold (0.44 s
+                # for a full 0.9 GB on the development machine), and rows that just left are soon
+                # replaced.
                 slots = max(slots, self.slots)
             roomy = self.capacity + self.capacity // 4 if capacity > self.capacity else self.capacity
             if most is not None:
