@@ -224,8 +224,9 @@ class ContinuousEngine(ChatModel):
         self.timings["decode_pass_rows"] += len(batch.rows)
         sampled = time.perf_counter()
         self.timings["decode_seconds"] += sampled - started
-        index = torch.tensor(batch.logit_rows, device=logits.device)
-        chosen = next_tokens(logits.index_select(0, index), batch.decoding, self.stop_tensor)
+        if len(batch.decoding) < len(batch.rows):  # rows prefilling or idle below took no token
+            logits = logits.index_select(0, torch.tensor(batch.logit_rows, device=logits.device))
+        chosen = next_tokens(logits, batch.decoding, self.stop_tensor)
         now = time.perf_counter()
         self.timings["sampling_seconds"] += now - sampled
         return self.scheduler.update(batch, chosen, now)

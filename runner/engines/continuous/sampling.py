@@ -37,8 +37,9 @@ def next_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow], stop_ids: tor
             seen = torch.tensor(row.ids + row.generated, device=scores.device)
             chosen = scores[index].gather(0, seen)
             scores[index].scatter_(0, seen, torch.where(chosen < 0, chosen * penalty, chosen / penalty))
-        if len(row.generated) < row.sampling.min_new_tokens:
-            scores[index, stop_ids] = -torch.inf
+    short = [index for index, row in enumerate(rows) if len(row.generated) < row.sampling.min_new_tokens]
+    if short:  # rows below their min_new_tokens cannot stop yet: one write for all of them
+        scores[torch.tensor(short, device=scores.device)[:, None], stop_ids] = -torch.inf
     tokens = scores.argmax(-1)
     sampling = [index for index, row in enumerate(rows) if row.sampling.do_sample]
     if sampling:
