@@ -49,7 +49,7 @@ class FakeText:
 
 class FakeCache:
     """Records the copies asked of it, the slots it gives back and the sizes it is fitted to;
-    holds rows x length cells."""
+    holds rows x the longest need cells."""
 
     def __init__(self):
         self.copies, self.fits, self.forgotten = [], [], []
@@ -63,8 +63,8 @@ class FakeCache:
     def fit(self, rows, length, most=None):
         self.fits.append((rows, length))
 
-    def cells(self, rows, length):
-        return rows * length
+    def cells(self, needs):
+        return len(needs) * max(needs)
 
 
 def words(ids):

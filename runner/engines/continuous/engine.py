@@ -30,6 +30,7 @@ from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 from runner.engines.chat_model import ChatModel
 from runner.engines.continuous.decode_graphs import DecodeGraphs, buckets
 from runner.engines.continuous.forward import Forward
+from runner.engines.continuous.mapped_zeros import maps_lazily
 from runner.engines.continuous.sampling import next_tokens
 from runner.engines.continuous.scheduler import RowState, Scheduler
 from runner.engines.continuous.slot_cache import SlotCache
@@ -87,7 +88,12 @@ class ContinuousEngine(ChatModel):
         self.kv_budget_bytes = kv_budget_bytes
         layers = model.config.get_text_config().num_hidden_layers
         # CUDA graphs pass over a bucket's slots: the cache holds slots in the same steps.
-        self.cache = SlotCache(layers, batch_size, slot_sizes=buckets(batch_size) if cuda_graphs else None)
+        self.cache = SlotCache(
+            layers,
+            batch_size,
+            slot_sizes=buckets(batch_size) if cuda_graphs else None,
+            written_only=maps_lazily(self.device),
+        )
         self.forward = Forward(model, self.cache)
         budget = None if kv_budget_bytes is None else kv_budget_bytes // self.kv_bytes_per_token()
         self.scheduler = Scheduler(

@@ -23,10 +23,15 @@ import torch
 FLAGS = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
 
 
+def maps_lazily(device: torch.device) -> bool:
+    """Whether `mapped_zeros` on `device` takes memory only as pages are written."""
+    return torch.device(device).type == "cpu" and bool(FLAGS)
+
+
 def mapped_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zero tensor of `shape`; on a CPU backed by pages that hold memory once written."""
     nbytes = math.prod(shape) * dtype.itemsize
-    if torch.device(device).type != "cpu" or not FLAGS or nbytes == 0:
+    if not maps_lazily(device) or nbytes == 0:
         return torch.zeros(shape, dtype=dtype, device=device)
     memory = mmap.mmap(-1, nbytes, flags=FLAGS)
     if hasattr(mmap, "MADV_NOHUGEPAGE"):  # a 2 MiB page would hold memory for unwritten rows
@@ -38,7 +43,7 @@ def mapped_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
 def forget(tensor: torch.Tensor, start: int, stop: int) -> None:
     """Give back the whole pages within elements start..stop-1 (flat order) of a contiguous
     `mapped_zeros` tensor on a CPU: they read as zeros again. A no-op on other devices."""
-    if tensor.device.type != "cpu" or not FLAGS:
+    if not maps_lazily(tensor.device):
         return
     address, size = tensor.data_ptr(), tensor.element_size()
     give_back(address + start * size, address + stop * size)

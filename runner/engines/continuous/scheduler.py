@@ -8,12 +8,14 @@ the engine a `PrefillBatch` and a `DecodeBatch` to run; `prefilled` and `update`
 back. Slots stay contiguous: when a row is released, the last occupied slot moves into its place.
 On out-of-memory, `back_off` decides who goes back to the queue.
 
-The KV budget: slots all hold the same capacity, so the cache holds (slots) x (the longest row's
-tokens). A turn joins only while that, with its prompt and max_new_tokens counted, stays within
-`kv_budget` tokens; a turn that does not fit waits, and new conversations queue behind it so it is
-not passed over for ever. Where nothing is running and a waiting turn still does not fit, the
-longest idle slot is given up (its conversation's next turn prefills again); a turn alone that
-does not fit runs alone. After the longest rows leave, the cache gives the memory back.
+The KV budget: the cache counts the memory its rows take (`Slots.cells`). Slots all hold the same
+capacity, so that is (slots) x (the longest row's tokens), except where the cache holds memory only
+for what rows write (on a CPU): there it is each row's own tokens. A turn joins only while that,
+with its prompt and max_new_tokens counted, stays within `kv_budget` tokens; a turn that does not
+fit waits, and new conversations queue behind it so it is not passed over for ever. Where nothing
+is running and a waiting turn still does not fit, the longest idle slot is given up (its
+conversation's next turn prefills again); a turn alone that does not fit runs alone. After the
+longest rows leave, the cache gives the memory back.
 
 It meets the model through two small injected things: a `TurnText` (prompt ids, the context check,
 stop strings, the reply) and `Slots` (the KV cache's copy and sizes), so it runs without either.
@@ -63,7 +65,7 @@ class Slots(Protocol):
 
     def fit(self, rows: int, length: int, most: int | None = None) -> None: ...
 
-    def cells(self, rows: int, length: int) -> int: ...
+    def cells(self, needs: list[int]) -> int: ...
 
 
 class Phase(enum.Enum):
@@ -266,8 +268,7 @@ class Scheduler:
         if self.kv_budget is None:
             return True
         others = [other for other in self.rows if other is not row]
-        rows, longest = len(others) + 1, max([need, *(other.need for other in others)])
-        if self.cache.cells(rows, longest) <= self.kv_budget:
+        if self.cache.cells([need, *(other.need for other in others)]) <= self.kv_budget:
             return True
         if others:
             return False

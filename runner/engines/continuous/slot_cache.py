@@ -12,7 +12,7 @@ are the engine's business.
 On a CPU the rectangle holds memory only where rows wrote (mapped_zeros.py): the cache keeps each
 slot's extent, the positions written to, so a resize copies only those, and a slot whose
 conversation left gives its pages back (`forget`). What the memory holds then follows the rows'
-own lengths, not the longest row's times the slots.
+own lengths, not the longest row's times the slots, and so does the KV budget there (`cells`).
 """
 
 from __future__ import annotations
@@ -119,10 +119,18 @@ class SlotCache(Cache):
     """Up to `max_slots` rows of KV storage, `capacity` tokens each. Capacity grows in whole chunks
     and by at least a quarter where the budget allows, so the copies that growing takes add up to
     a few times the final size; the slots held are the smallest of `slot_sizes` that covers the
-    rows asked for."""
+    rows asked for. `written_only`: the tensors hold memory only where rows write (mapped_zeros.py,
+    on a CPU), so the budget counts each row's own need, and the rectangle may outgrow it."""
 
-    def __init__(self, num_layers: int, max_slots: int, chunk: int = 64, slot_sizes: list[int] | None = None):
-        self.chunk, self.capacity = chunk, 4 * chunk
+    def __init__(
+        self,
+        num_layers: int,
+        max_slots: int,
+        chunk: int = 64,
+        slot_sizes: list[int] | None = None,
+        written_only: bool = False,
+    ):
+        self.chunk, self.capacity, self.written_only = chunk, 4 * chunk, written_only
         self.slot_sizes = sorted({*(slot_sizes or range(4, max_slots, 4)), max_slots})
         self.slots = self.slot_sizes[0]
         self.version = 0  # counts reallocations: tensors recorded into a CUDA graph moved
@@ -168,6 +176,7 @@ class SlotCache(Cache):
         kept)."""
         slots = next(size for size in self.slot_sizes if size >= rows)
         capacity = self.chunks(max(length, 1))
+        most = None if self.written_only else most  # the budget bounds what rows write, not this
         if slots > self.slots or capacity > self.capacity:  # (slots past the rows hold nothing)
             if most is None or self.slots * capacity <= most:
                 # Growing one size keeps the other: every resize copies what the slots hold (0.44 s
@@ -181,9 +190,13 @@ class SlotCache(Cache):
         elif 2 * slots * capacity <= self.slots * self.capacity:
             self._resize(slots, capacity)
 
-    def cells(self, rows: int, length: int) -> int:
-        """KV positions (slots x capacity) the cache holds for `rows` rows of up to `length` tokens."""
-        return next(size for size in self.slot_sizes if size >= rows) * self.chunks(max(length, 1))
+    def cells(self, needs: list[int]) -> int:
+        """KV positions the memory holds for rows of these needs (tokens each): slots x the longest,
+        or, `written_only`, each row's own in whole chunks."""
+        if self.written_only:
+            return sum(self.chunks(max(need, 1)) for need in needs)
+        slots = next(size for size in self.slot_sizes if size >= len(needs))
+        return slots * self.chunks(max(needs, default=1))
 
     def chunks(self, length: int) -> int:
         """`length` tokens rounded up to whole chunks."""
