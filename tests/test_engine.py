@@ -218,6 +218,23 @@ def test_the_engine_s_preparation_of_the_model_keeps_the_logits_bit_for_bit(embe
     prepared, reference = outputs
     assert all(torch.equal(a, b) for a, b in zip(prepared, reference, strict=True))
 
+    # A ragged prefill (rows of different lengths in one pass, unpadded) gives each row the bits it
+    # gets alone, in its first chunk and in a later one.
+    cache = SlotCache(smol_model.config.num_hidden_layers, 16)
+    cache.fit(6, 64)
+    forward = Forward(smol_model, cache)
+    assert forward.ragged
+    for chunks, starts in (
+        ([prompts[0][:30], prompts[1][:12], prompts[2]], [0, 0, 0]),
+        ([prompts[0][30:], prompts[1][12:20]], [30, 12]),
+    ):
+        together = forward(chunks, starts, list(range(len(chunks))))
+        alone = [
+            forward([ids], [start], [3 + row])
+            for row, (ids, start) in enumerate(zip(chunks, starts, strict=True))
+        ]
+        assert torch.equal(together, torch.cat(alone))
+
 
 def test_cuda_graph_buckets_cover_every_row_count_up_to_the_batch_size():
     assert buckets(1) == [1]
@@ -436,16 +453,16 @@ def test_template_that_rewrites_history_falls_back_to_a_full_prefill(smol_pipeli
 def test_out_of_memory_lowers_the_slots_and_generates_every_turn_once(smol_pipeline, smol_model, monkeypatch):
     expected = replay_texts(continuous(smol_model, smol_pipeline, 4, max_new_tokens=8), DOZEN)
     engine = continuous(smol_model, smol_pipeline, 4, max_new_tokens=8)
-    real_pass, passes = engine.forward.run, []
+    real_pass, passes = engine.forward, []
 
-    def pass_that_fits_two_rows(input_ids, positions, kv_length):
-        rows = input_ids.shape[0]
+    def pass_that_fits_two_rows(input_ids, starts, slots, logits=True):
+        rows = len(input_ids)
         if rows > 2:  # what PyTorch's CPU allocator raises when a batch does not fit
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes.")
         passes.append(rows)
-        return real_pass(input_ids, positions, kv_length)
+        return real_pass(input_ids, starts, slots, logits)
 
-    monkeypatch.setattr(engine.forward, "run", pass_that_fits_two_rows)
+    monkeypatch.setattr(engine, "forward", pass_that_fits_two_rows)
     replies = []
     results = list(
         replay_all(

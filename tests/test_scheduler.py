@@ -76,9 +76,17 @@ def numbers(start, count):
     return words(range(start, start + count))
 
 
-def scheduler(batch_size=4, prefill_chunk=512, max_new_tokens=8, kv_budget=None):
+def scheduler(batch_size=4, prefill_chunk=512, max_new_tokens=8, kv_budget=None, ragged=False):
     return Scheduler(
-        FakeText(), FakeCache(), Sampling(max_new_tokens), batch_size, prefill_chunk, 0, None, kv_budget
+        FakeText(),
+        FakeCache(),
+        Sampling(max_new_tokens),
+        batch_size,
+        prefill_chunk,
+        0,
+        None,
+        kv_budget,
+        ragged=ragged,
     )
 
 
@@ -269,6 +277,19 @@ def test_prefill_groups_rows_of_similar_length_under_the_chunk():
     assert ([row.stream for row in batch.rows], batch.chunks) == ([0, 1], [10, 11])
     assert [len(ids) for ids in batch.input_ids] == [11, 11] and batch.input_ids[0][-1] == 0
     assert batch.tokens == 21
+
+
+def test_a_ragged_prefill_takes_rows_of_any_length_unpadded_up_to_the_chunk():
+    s = scheduler(prefill_chunk=45, ragged=True)
+    for stream, count in enumerate([8, 20, 9, 14]):  # 10, 22, 11 and 16 tokens to prefill
+        s.submit(turn(stream, ("user", numbers(100 * (stream + 1), count))))
+    s.admit()
+    batch = s.prefill_batch()
+    # Shortest first while the chunk holds them: 10 + 11 + 16 = 37; the 22-token prompt would pass 45.
+    assert ([row.stream for row in batch.rows], batch.chunks) == ([0, 2, 3], [10, 11, 16])
+    assert [len(ids) for ids in batch.input_ids] == [10, 11, 16] and 0 not in batch.input_ids[0]
+    s.prefilled(batch)
+    assert [row.stream for row in s.prefill_batch().rows] == [1]
 
 
 def test_a_turn_ends_at_its_max_new_tokens_or_a_stop_string():

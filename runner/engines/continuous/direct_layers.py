@@ -44,6 +44,17 @@ class LayerOps(NamedTuple):
     down: Callable[[torch.Tensor], torch.Tensor]
 
 
+class RowSpan(NamedTuple):
+    """One row of a ragged pass: its tokens are start..stop-1 of the pass, written into `slot`,
+    which it reads up to `kv_length`, with `mask` ([1, 1, tokens, kv_length], additive)."""
+
+    start: int
+    stop: int
+    slot: int
+    kv_length: int
+    mask: torch.Tensor
+
+
 class DirectLayers:
     """`model`'s decoder as one function of tokens, positions, mask and cache (see the module
     docstring); build it with `direct_layers`, which says whether the model fits."""
@@ -78,9 +89,18 @@ class DirectLayers:
         self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(model.config._attn_implementation, None)
 
     @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Any):
-        """Logits of each row's last token, [rows, vocab]: `input_ids` and `positions` are [rows,
-        tokens], `mask` the additive attention mask, `cache` the slot cache planned for this pass."""
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | list[RowSpan],
+        cache: Any,
+        logits: bool = True,
+    ) -> torch.Tensor | None:
+        """Logits of each row's last token, [rows, vocab] (None unless `logits`): `input_ids` and
+        `positions` are [rows, tokens], `mask` the additive attention mask, `cache` the slot cache
+        planned for this pass. A ragged pass is one row of every row's tokens end to end, and
+        `mask` their spans: each attends to its own slot."""
         rows, tokens = input_ids.shape
         hidden = self.embed(input_ids)
         cos, sin = self.rotary(hidden, positions)
@@ -95,21 +115,39 @@ class DirectLayers:
             key, value = cache.update(
                 qk[:, :, queries:].transpose(1, 2), qkv[:, :, rotated:].transpose(1, 2), index
             )
-            output, _ = self.attention(
-                ops.attention,
-                qk[:, :, :queries].transpose(1, 2),
-                key,
-                value,
-                mask,
-                dropout=0.0,
-                scaling=ops.attention.scaling,
-            )
+            query = qk[:, :, :queries].transpose(1, 2)
+            if isinstance(mask, list):
+                output = torch.cat([self._attend(ops, query, key, value, span) for span in mask], dim=1)
+            else:
+                output, _ = self.attention(
+                    ops.attention, query, key, value, mask, dropout=0.0, scaling=ops.attention.scaling
+                )
             hidden = hidden + ops.o_proj(output.reshape(rows, tokens, -1).contiguous())
             gate_up = ops.gate_up(ops.post_norm(hidden))
             hidden = hidden + ops.down(
                 ops.act(gate_up[..., : self.intermediate]) * gate_up[..., self.intermediate :]
             )
+        if not logits:
+            return None
+        if isinstance(mask, list):  # each row's last token
+            last = hidden[0, [span.stop - 1 for span in mask]]
+            return self.head(self.norm(last))
         return self.head(self.norm(hidden[:, -1:]))[:, -1]
+
+    def _attend(
+        self, ops: LayerOps, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, span: RowSpan
+    ) -> torch.Tensor:
+        """One ragged row's attention over its own slot: [1, tokens, heads, head_dim]."""
+        output, _ = self.attention(
+            ops.attention,
+            query[:, :, span.start : span.stop],
+            keys[span.slot : span.slot + 1, :, : span.kv_length],
+            values[span.slot : span.slot + 1, :, : span.kv_length],
+            span.mask,
+            dropout=0.0,
+            scaling=ops.attention.scaling,
+        )
+        return output
 
 
 def direct_layers(model: Any, layer_types: set[str]) -> DirectLayers | None:

@@ -105,6 +105,7 @@ class ContinuousEngine(ChatModel):
             tokenizer.pad_token_id,
             self._generator,
             kv_budget=budget,
+            ragged=self.forward.ragged,
         )
         # Fixed-shape decode passes, recorded as CUDA graphs on CUDA (decode_graphs.py).
         self.graphs = (
@@ -209,7 +210,8 @@ class ContinuousEngine(ChatModel):
         if batch is None:
             return []
         started = time.perf_counter()
-        self.forward(batch.input_ids, batch.starts, batch.slots)
+        # A prompt's last token is fed by its first decode pass: a prefill's logits go unread.
+        self.forward(batch.input_ids, batch.starts, batch.slots, logits=False)
         self.scheduler.prefilled(batch)
         self.timings["prefill_passes"] += 1
         self.timings["prefill_tokens"] += batch.tokens

@@ -121,8 +121,8 @@ class RowState:
 
 @dataclass
 class PrefillBatch:
-    """One chunk of joining prompts: row i writes `input_ids[i][:chunks[i]]` (the rest is padding)
-    into slot `slots[i]` from position `starts[i]` on."""
+    """One chunk of joining prompts: row i writes `input_ids[i][:chunks[i]]` (the rest, in a padded
+    batch, is padding) into slot `slots[i]` from position `starts[i]` on."""
 
     rows: list[RowState]
     chunks: list[int]
@@ -169,6 +169,7 @@ class Scheduler:
         pad: the token fed where a pass has nothing to write.
         generator: makes a turn's random generator when it samples (the engine's, seeded by the turn).
         kv_budget: KV-cache positions (slots x capacity) the rows may hold at once; None: no limit.
+        ragged: prefill passes take rows of any lengths unpadded (else rows of one length).
     """
 
     def __init__(
@@ -181,8 +182,9 @@ class Scheduler:
         pad: int,
         generator: Callable[[Request], Any],
         kv_budget: int | None = None,
+        ragged: bool = False,
     ):
-        self.text, self.cache, self.sampling = text, cache, sampling
+        self.text, self.cache, self.sampling, self.ragged = text, cache, sampling, ragged
         self.batch_size, self.prefill_chunk, self.pad, self.generator = (
             batch_size,
             prefill_chunk,
@@ -345,9 +347,10 @@ class Scheduler:
     # -- the step's passes -----------------------------------------------------------------------
 
     def prefill_batch(self) -> PrefillBatch | None:
-        """One batched chunk of joining prompts: rows of similar remaining length, padding under 20%
-        and within each row's need, at most `prefill_chunk` tokens. Rows waiting for a shared start
-        copy it first, or wait for the next step. None when no row has prompt left to prefill."""
+        """One batched chunk of joining prompts, at most `prefill_chunk` tokens: rows of any lengths
+        where the pass runs them unpadded (`ragged`), else rows of similar remaining length, padding
+        under 20% and within each row's need. Rows waiting for a shared start copy it first, or wait
+        for the next step. None when no row has prompt left to prefill."""
         for row in self.rows:
             self._copy_shared_prefix(row)
         group: list[tuple[RowState, int]] = []
@@ -355,11 +358,15 @@ class Scheduler:
         ready = (r for r in self.rows if r.phase is Phase.prefill and r.source is None)
         for row in sorted(ready, key=lambda r: r.remaining):
             chunk = min(row.remaining, self.prefill_chunk)
-            wider = (len(group) + 1) * chunk
-            # Padding is written to the cache too: it must stay within each row's own need.
-            past_need = any(len(other.cached) + chunk > other.need for other, _ in group)
-            if group and (wider > self.prefill_chunk or wider > 1.2 * (real + chunk) or past_need):
-                break
+            if self.ragged:
+                if group and real + chunk > self.prefill_chunk:
+                    break
+            else:
+                wider = (len(group) + 1) * chunk
+                # Padding is written to the cache too: it must stay within each row's own need.
+                past_need = any(len(other.cached) + chunk > other.need for other, _ in group)
+                if group and (wider > self.prefill_chunk or wider > 1.2 * (real + chunk) or past_need):
+                    break
             group.append((row, chunk))
             real += chunk
         if not group:
@@ -369,7 +376,8 @@ class Scheduler:
             rows=[row for row, _ in group],
             chunks=[chunk for _, chunk in group],
             input_ids=[
-                row.ids[len(row.cached) : len(row.cached) + chunk] + [self.pad] * (width - chunk)
+                row.ids[len(row.cached) : len(row.cached) + chunk]
+                + ([] if self.ragged else [self.pad] * (width - chunk))
                 for row, chunk in group
             ],
             starts=[len(row.cached) for row, _ in group],

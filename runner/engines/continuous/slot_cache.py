@@ -31,10 +31,11 @@ from runner.engines.continuous.mapped_zeros import forget, mapped_zeros
 @dataclass
 class StepPlan:
     """Where one forward pass reads and writes: `slots` is a contiguous range from slot 0 (read as a
-    view, no copy) or an index tensor (read as a gathered copy); `positions` is [rows, tokens] and
-    `rows` the slot of each of those tokens."""
+    view, no copy), an index tensor (read as a gathered copy) or None (a ragged pass: each row reads
+    its own slot from the whole tensors); `positions` is [rows, tokens] and `rows` the slot of each
+    of those tokens."""
 
-    slots: slice | torch.Tensor
+    slots: slice | torch.Tensor | None
     positions: torch.Tensor
     rows: torch.Tensor
     kv_length: int
@@ -67,6 +68,8 @@ class SlotLayer(CacheLayerMixin):
         self.keys[rows, :, positions] = key_states.transpose(1, 2)
         self.values[rows, :, positions] = value_states.transpose(1, 2)
         length = plan.kv_length
+        if plan.slots is None:
+            return self.keys, self.values
         if isinstance(plan.slots, slice):
             return self.keys[plan.slots, :, :length], self.values[plan.slots, :, :length]
         index = plan.slots.to(self.keys.device)
@@ -140,15 +143,24 @@ class SlotCache(Cache):
         self.step: StepPlan | None = None
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
 
-    def plan(self, slots: slice | torch.Tensor, positions: torch.Tensor, kv_length: int) -> None:
+    def plan(
+        self,
+        slots: slice | torch.Tensor | None,
+        positions: torch.Tensor,
+        kv_length: int,
+        rows: torch.Tensor | None = None,
+    ) -> None:
         """Set where the next forward pass writes (`positions`, [rows, tokens], none at or past
-        `kv_length`) and how much it reads."""
+        `kv_length`) and how much it reads; a ragged pass (`slots` None) gives each token's slot
+        (`rows`, shaped as `positions`) and reads each row's slot itself."""
         self.reserve(kv_length)
-        if isinstance(slots, slice):
-            rows = torch.arange(slots.start, slots.stop, device=positions.device)
-        else:
-            rows = slots
-        self.step = StepPlan(slots, positions, rows[:, None].expand_as(positions), kv_length)
+        if rows is None:
+            if isinstance(slots, slice):
+                rows = torch.arange(slots.start, slots.stop, device=positions.device)
+            else:
+                rows = slots
+            rows = rows[:, None].expand_as(positions)
+        self.step = StepPlan(slots, positions, rows, kv_length)
 
     def wrote(self, slots: Iterable[int], ends: Iterable[int]) -> None:
         """Note that each of `slots` is written up to position `end` - 1 (what a resize keeps)."""
