@@ -514,8 +514,8 @@ def report(results: dict[str, dict], bandwidth: float, args: argparse.Namespace,
         print(
             f"  {name:<16} {1000 * step['decode_seconds'] / passes:6.1f} ms per decode pass at "
             f"{step['decode_rows'] / passes:.1f} rows ({step['decode_pass_rows'] / passes:.1f} in the pass); "
-            f"{step['prefill_passes']} "
-            f"prefill passes ({step['prefill_tokens']} tokens, {shared} more copied between slots); {shares}"
+            f"{step['prefill_passes']} prefill passes ({step.get('mixed_passes', 0)} of them decoding too; "
+            f"{step['prefill_tokens']} tokens, {shared} more copied between slots); {shares}"
         )
     if "batch1" in results and "lookup" in results:
         speculative_rows(results, args)

@@ -13,6 +13,7 @@ from runner.config.schema import ReplayMode
 from runner.engines.chat_model import stop_token_ids
 from runner.engines.chat_template import template_supports_system_role
 from runner.engines.continuous.decode_graphs import buckets
+from runner.engines.continuous.direct_layers import RaggedPass
 from runner.engines.continuous.engine import ContinuousEngine
 from runner.engines.continuous.scheduler import Phase
 from runner.engines.pipeline import PipelineEngine
@@ -234,6 +235,13 @@ def test_the_engine_s_preparation_of_the_model_keeps_the_logits_bit_for_bit(embe
             for row, (ids, start) in enumerate(zip(chunks, starts, strict=True))
         ]
         assert torch.equal(together, torch.cat(alone))
+    # A pass that prefills one row and decodes three gives the decode rows a decode pass's bits,
+    # and the prompt row the KV it gets alone.
+    decoded = forward([[5], [6], [7]], [40, 20, 40], slice(0, 3))
+    mixed = forward.mixed([prompts[0][:25]], [0], [6], [[5], [6], [7]], [40, 20, 40])
+    forward([prompts[0][:25]], [0], [7], logits=False)
+    assert torch.equal(mixed, decoded)
+    assert all(torch.equal(layer.keys[6, :, :25], layer.keys[7, :, :25]) for layer in cache.layers)
 
 
 def test_cuda_graph_buckets_cover_every_row_count_up_to_the_batch_size():
@@ -453,16 +461,18 @@ def test_template_that_rewrites_history_falls_back_to_a_full_prefill(smol_pipeli
 def test_out_of_memory_lowers_the_slots_and_generates_every_turn_once(smol_pipeline, smol_model, monkeypatch):
     expected = replay_texts(continuous(smol_model, smol_pipeline, 4, max_new_tokens=8), DOZEN)
     engine = continuous(smol_model, smol_pipeline, 4, max_new_tokens=8)
-    real_pass, passes = engine.forward, []
+    real_pass, passes = engine.forward.direct, []
 
-    def pass_that_fits_two_rows(input_ids, starts, slots, logits=True):
-        rows = len(input_ids)
+    def pass_that_fits_two_rows(input_ids, positions, mask, cache, logits=True):
+        # The slots a pass covers: a ragged one's decode rows and prompt rows, or a batch's rows.
+        ragged = isinstance(mask, RaggedPass)
+        rows = len({*range(mask.decoding), *(s.slot for s in mask.spans)}) if ragged else len(input_ids)
         if rows > 2:  # what PyTorch's CPU allocator raises when a batch does not fit
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes.")
         passes.append(rows)
-        return real_pass(input_ids, starts, slots, logits)
+        return real_pass(input_ids, positions, mask, cache, logits)
 
-    monkeypatch.setattr(engine, "forward", pass_that_fits_two_rows)
+    monkeypatch.setattr(engine.forward, "direct", pass_that_fits_two_rows)
     replies = []
     results = list(
         replay_all(

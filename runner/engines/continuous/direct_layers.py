@@ -55,6 +55,18 @@ class RowSpan(NamedTuple):
     mask: torch.Tensor
 
 
+class RaggedPass(NamedTuple):
+    """A pass of rows of any lengths, their tokens end to end as one row: first `decoding` rows of
+    one token each, in slots 0..decoding-1, which attend together as a decode pass's rows do
+    (`decode_mask`, [decoding, 1, 1, keys]), then `spans`, each attending to its own slot. `last`:
+    the tokens whose logits the pass returns, in order."""
+
+    decoding: int
+    decode_mask: torch.Tensor | None
+    spans: list[RowSpan]
+    last: torch.Tensor
+
+
 class DirectLayers:
     """`model`'s decoder as one function of tokens, positions, mask and cache (see the module
     docstring); build it with `direct_layers`, which says whether the model fits."""
@@ -93,14 +105,14 @@ class DirectLayers:
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        mask: torch.Tensor | list[RowSpan],
+        mask: torch.Tensor | RaggedPass,
         cache: Any,
         logits: bool = True,
     ) -> torch.Tensor | None:
         """Logits of each row's last token, [rows, vocab] (None unless `logits`): `input_ids` and
         `positions` are [rows, tokens], `mask` the additive attention mask, `cache` the slot cache
         planned for this pass. A ragged pass is one row of every row's tokens end to end, and
-        `mask` their spans: each attends to its own slot."""
+        `mask` says whose they are and which tokens' logits to return (`RaggedPass`)."""
         rows, tokens = input_ids.shape
         hidden = self.embed(input_ids)
         cos, sin = self.rotary(hidden, positions)
@@ -116,8 +128,8 @@ class DirectLayers:
                 qk[:, :, queries:].transpose(1, 2), qkv[:, :, rotated:].transpose(1, 2), index
             )
             query = qk[:, :, :queries].transpose(1, 2)
-            if isinstance(mask, list):
-                output = torch.cat([self._attend(ops, query, key, value, span) for span in mask], dim=1)
+            if isinstance(mask, RaggedPass):
+                output = self._attend_ragged(ops, query, key, value, mask)
             else:
                 output, _ = self.attention(
                     ops.attention, query, key, value, mask, dropout=0.0, scaling=ops.attention.scaling
@@ -129,25 +141,40 @@ class DirectLayers:
             )
         if not logits:
             return None
-        if isinstance(mask, list):  # each row's last token
-            last = hidden[0, [span.stop - 1 for span in mask]]
-            return self.head(self.norm(last))
+        if isinstance(mask, RaggedPass):
+            return self.head(self.norm(hidden[0].index_select(0, mask.last)))
         return self.head(self.norm(hidden[:, -1:]))[:, -1]
 
-    def _attend(
-        self, ops: LayerOps, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, span: RowSpan
+    def _attend_ragged(
+        self, ops: LayerOps, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ragged: RaggedPass
     ) -> torch.Tensor:
-        """One ragged row's attention over its own slot: [1, tokens, heads, head_dim]."""
-        output, _ = self.attention(
-            ops.attention,
-            query[:, :, span.start : span.stop],
-            keys[span.slot : span.slot + 1, :, : span.kv_length],
-            values[span.slot : span.slot + 1, :, : span.kv_length],
-            span.mask,
-            dropout=0.0,
-            scaling=ops.attention.scaling,
-        )
-        return output
+        """A ragged pass's attention, [1, tokens, heads, head_dim]: `query` is [1, heads, tokens,
+        head_dim], `keys` and `values` the layer's whole slot tensors."""
+        outputs = []
+        if rows := ragged.decoding:
+            length = ragged.decode_mask.shape[-1]
+            output, _ = self.attention(
+                ops.attention,
+                query[0, :, :rows, None].transpose(0, 1),  # [rows, heads, 1, head_dim]
+                keys[:rows, :, :length],
+                values[:rows, :, :length],
+                ragged.decode_mask,
+                dropout=0.0,
+                scaling=ops.attention.scaling,
+            )
+            outputs.append(output.transpose(0, 1))  # [rows, 1, heads, head_dim] -> [1, rows, ...]
+        for span in ragged.spans:
+            output, _ = self.attention(
+                ops.attention,
+                query[:, :, span.start : span.stop],
+                keys[span.slot : span.slot + 1, :, : span.kv_length],
+                values[span.slot : span.slot + 1, :, : span.kv_length],
+                span.mask,
+                dropout=0.0,
+                scaling=ops.attention.scaling,
+            )
+            outputs.append(output)
+        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
 
 
 def direct_layers(model: Any, layer_types: set[str]) -> DirectLayers | None:

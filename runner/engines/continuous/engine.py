@@ -7,9 +7,11 @@ from its turn, so a row's text does not depend on the rows beside it.
 
 A step admits queued turns into free slots, prefills one chunk of joining prompts (batched, at most
 `prefill_chunk` tokens, so a long prompt cannot stall the other rows for long), then decodes one
-token for every row. A reply that ends frees its row at once; when its conversation has another
-turn, the slot keeps the KV cache, and that turn prefills only the tokens after the longest prefix
-of the re-rendered prompt that equals the tokens the slot holds. A prompt whose start another slot
+token for every row; where the forward pass runs rows of any lengths (forward.py's `mixed`), the
+chunk and the decode tokens are one pass, which reads the weights once for both. A reply that
+ends frees its row at once; when its conversation has another turn, the slot keeps the KV cache,
+and that turn prefills only the tokens after the longest prefix of the re-rendered prompt that
+equals the tokens the slot holds. A prompt whose start another slot
 holds or is prefilling copies those tokens' KV from that slot instead of computing it again.
 
 Out of memory: the rows admitted last go back to the queue (their turns start again, each turn is
@@ -32,7 +34,7 @@ from runner.engines.continuous.decode_graphs import DecodeGraphs, buckets
 from runner.engines.continuous.forward import Forward
 from runner.engines.continuous.mapped_zeros import maps_lazily
 from runner.engines.continuous.sampling import next_tokens
-from runner.engines.continuous.scheduler import RowState, Scheduler
+from runner.engines.continuous.scheduler import DecodeBatch, RowState, Scheduler
 from runner.engines.continuous.slot_cache import SlotCache
 from runner.engines.protocol import EngineCounters, Outcome, Request, Sampling
 
@@ -63,6 +65,7 @@ class StepCounts:
     decode_seconds: float
     prefill_passes: int
     prefill_tokens: int
+    mixed_passes: int  # prefill passes that decoded a token for the decoding rows too
     prefill_seconds: float
     sampling_seconds: float
     step_seconds: float
@@ -113,6 +116,9 @@ class ContinuousEngine(ChatModel):
             if cuda_graphs
             else None
         )
+        # One ragged pass a step for the prefill chunk and the decode tokens (forward.mixed),
+        # where the decoder runs op by op and decode passes are not recorded graphs.
+        self.mixed = self.forward.ragged and self.graphs is None
         self.stop_tensor = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=self.device)
         self.timings = {
             "steps": 0,
@@ -122,6 +128,7 @@ class ContinuousEngine(ChatModel):
             "decode_seconds": 0.0,
             "prefill_passes": 0,
             "prefill_tokens": 0,
+            "mixed_passes": 0,
             "prefill_seconds": 0.0,
             "sampling_seconds": 0.0,
             "step_seconds": 0.0,
@@ -156,9 +163,12 @@ class ContinuousEngine(ChatModel):
     def step(self) -> list[Outcome]:
         started = time.perf_counter()
         finished = self.scheduler.admit()
-        finished += self._guarded(self._prefill)
-        if self.scheduler.decoding:
-            finished += self._guarded(self._decode)
+        if self.mixed:
+            finished += self._guarded(self._prefill_and_decode)
+        else:
+            finished += self._guarded(self._prefill)
+            if self.scheduler.decoding:
+                finished += self._guarded(self._decode)
         self.timings["steps"] += 1
         self.timings["step_seconds"] += time.perf_counter() - started
         return finished
@@ -218,6 +228,33 @@ class ContinuousEngine(ChatModel):
         self.timings["prefill_seconds"] += time.perf_counter() - started
         return []
 
+    def _prefill_and_decode(self) -> list[Outcome]:
+        """The step's prefill chunk and its decode tokens in one pass (`Forward.mixed`): the rows
+        whose prompt it ends take their first token in it too. Its time counts as prefill."""
+        prefill = self.scheduler.prefill_batch()
+        if prefill is None:
+            return self._decode() if self.scheduler.decoding else []
+        started = time.perf_counter()
+        self.scheduler.prefilled(prefill)
+        decode = self.scheduler.decode_batch()
+        try:
+            logits = self.forward.mixed(
+                prefill.input_ids,
+                prefill.starts,
+                prefill.slots,
+                decode.input_ids if decode else [],
+                decode.starts if decode else [],
+                logits=False,
+            )
+        except Exception:
+            self.scheduler.unprefilled(prefill)  # nothing of the chunk is in the cache
+            raise
+        self.timings["prefill_passes"] += 1
+        self.timings["prefill_tokens"] += prefill.tokens
+        self.timings["mixed_passes"] += decode is not None
+        self.timings["prefill_seconds"] += time.perf_counter() - started
+        return self._sample(decode, logits) if decode else []
+
     def _decode(self) -> list[Outcome]:
         started = time.perf_counter()
         batch = self.scheduler.decode_batch()
@@ -230,8 +267,12 @@ class ContinuousEngine(ChatModel):
         self.timings["decode_steps"] += 1
         self.timings["decode_rows"] += len(batch.decoding)
         self.timings["decode_pass_rows"] += len(batch.rows)
+        self.timings["decode_seconds"] += time.perf_counter() - started
+        return self._sample(batch, logits)
+
+    def _sample(self, batch: DecodeBatch, logits: torch.Tensor) -> list[Outcome]:
+        """Each decoding row's next token from the pass's logits (row i of the pass is slot i)."""
         sampled = time.perf_counter()
-        self.timings["decode_seconds"] += sampled - started
         if len(batch.decoding) < len(batch.rows):  # rows prefilling or idle below took no token
             logits = logits.index_select(0, torch.tensor(batch.logit_rows, device=logits.device))
         chosen = next_tokens(logits, batch.decoding, self.stop_tensor)

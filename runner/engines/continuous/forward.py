@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from runner.engines.continuous.attention import use_grouped_query_sdpa
-from runner.engines.continuous.direct_layers import RowSpan, direct_layers
+from runner.engines.continuous.direct_layers import RaggedPass, RowSpan, direct_layers
 from runner.engines.continuous.slot_cache import SlotCache
 
 ATTENTION_LAYERS = {"full_attention", "sliding_attention"}
@@ -57,11 +57,11 @@ class Forward:
         op (`ragged`), else as one batch of equal lengths. The index tensors are made once here,
         from the host's lists: nothing in the layers waits on the device.
         """
-        tokens = len(input_ids[0])
-        rows = range(slots.start, slots.stop) if isinstance(slots, slice) else slots
-        self.cache.wrote(rows, [start + len(ids) for start, ids in zip(starts, input_ids, strict=True)])
+        rows = list(range(slots.start, slots.stop)) if isinstance(slots, slice) else slots
         if self.ragged and max(len(ids) for ids in input_ids) > 1:
-            return self.prefill(input_ids, starts, list(rows), logits)
+            return self.mixed(input_ids, starts, rows, [], [], logits)
+        tokens = len(input_ids[0])
+        self.cache.wrote(rows, [start + tokens for start in starts])
         positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(
             tokens, device=self.device
         )
@@ -73,37 +73,55 @@ class Forward:
 
     @property
     def ragged(self) -> bool:
-        """Whether prompt rows of any lengths run in one pass, unpadded (`prefill`)."""
+        """Whether rows of any lengths run in one pass, unpadded (`mixed`)."""
         return self.direct is not None
 
-    def prefill(
-        self, input_ids: list[list[int]], starts: list[int], slots: list[int], logits: bool
+    def mixed(
+        self,
+        prompt_ids: list[list[int]],
+        prompt_starts: list[int],
+        prompt_slots: list[int],
+        decode_ids: list[list[int]],
+        decode_starts: list[int],
+        logits: bool = True,
     ) -> torch.Tensor | None:
-        """Rows of any lengths in one pass, their tokens end to end: the layers' products see only
-        real tokens, and each row attends to its own slot's first start + tokens positions (with
-        its own causal mask), so a row's result does not depend on the rows beside it."""
-        spans, positions, owners, offset = [], [], [], 0
-        for ids, start, slot in zip(input_ids, starts, slots, strict=True):
+        """One ragged pass: one token for each of slots 0..len(decode_ids)-1 (a decode pass's rows,
+        which attend together as there) and prompt chunks of any lengths for `prompt_slots`, all
+        tokens end to end, so the layers' products see only real tokens and read the weights once
+        for both. Each prompt row attends to its own slot's first start + tokens positions with its
+        own causal mask, so its result does not depend on the rows beside it. A decode row's token
+        sees what this pass writes before it in its slot (the end of its prompt, say).
+
+        Returns the decode rows' logits, [rows, vocab], where there are any; else each prompt
+        row's last token's (None unless `logits`)."""
+        decoding = len(decode_ids)
+        self.cache.wrote(range(decoding), [start + 1 for start in decode_starts])
+        self.cache.wrote(
+            prompt_slots, [start + len(ids) for start, ids in zip(prompt_starts, prompt_ids, strict=True)]
+        )
+        positions = [torch.tensor(decode_starts, dtype=torch.long, device=self.device)]
+        owners, spans, offset = list(range(decoding)), [], decoding
+        for ids, start, slot in zip(prompt_ids, prompt_starts, prompt_slots, strict=True):
             tokens = len(ids)
             keys = torch.arange(start + tokens, device=self.device)
             at = torch.arange(start, start + tokens, device=self.device)
-            spans.append(
-                RowSpan(
-                    offset,
-                    offset + tokens,
-                    slot,
-                    start + tokens,
-                    self.additive(keys <= at[:, None])[None, None],
-                )
-            )
+            mask = self.additive(keys <= at[:, None])[None, None]
+            spans.append(RowSpan(offset, offset + tokens, slot, start + tokens, mask))
             positions.append(at)
             owners += [slot] * tokens
             offset += tokens
         positions = torch.cat(positions)[None]
-        rows = torch.tensor(owners, device=self.device)[None]
-        self.cache.plan(None, positions, max(span.kv_length for span in spans), rows)
-        flat = torch.tensor([token for ids in input_ids for token in ids], device=self.device)[None]
-        return self.direct(flat, positions, spans, self.cache, logits)
+        decode_mask = None
+        if decoding:
+            decode_mask = self.masks(positions[:, :decoding].T, max(decode_starts) + 1)["full_attention"]
+        kv_length = max(span.kv_length for span in spans) if spans else 0
+        kv_length = max(kv_length, max(decode_starts, default=-1) + 1)
+        self.cache.plan(None, positions, kv_length, torch.tensor(owners, device=self.device)[None])
+        flat = [ids[0] for ids in decode_ids] + [token for ids in prompt_ids for token in ids]
+        input_ids = torch.tensor(flat, device=self.device)[None]
+        last = list(range(decoding)) or [span.stop - 1 for span in spans]
+        ragged = RaggedPass(decoding, decode_mask, spans, torch.tensor(last, device=self.device))
+        return self.direct(input_ids, positions, ragged, self.cache, logits or decoding > 0)
 
     def run(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_length: int, logits: bool = True

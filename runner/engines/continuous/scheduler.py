@@ -391,6 +391,12 @@ class Scheduler:
             if not row.remaining:
                 row.phase = Phase.decode
 
+    def unprefilled(self, batch: PrefillBatch) -> None:
+        """Undo `prefilled`: the batch's pass failed, so none of its tokens are in the cache."""
+        for row, start in zip(batch.rows, batch.starts, strict=True):
+            del row.cached[start:]
+            row.phase = Phase.prefill
+
     @property
     def decoding(self) -> bool:
         """Whether any row takes a token this step."""
