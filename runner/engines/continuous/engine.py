@@ -11,8 +11,8 @@ token for every row; where the forward pass runs rows of any lengths (forward.py
 chunk and the decode tokens are one pass, which reads the weights once for both. A reply that
 ends frees its row at once; when its conversation has another turn, the slot keeps the KV cache,
 and that turn prefills only the tokens after the longest prefix of the re-rendered prompt that
-equals the tokens the slot holds. A prompt whose start another slot
-holds or is prefilling copies those tokens' KV from that slot instead of computing it again.
+equals the tokens the slot holds. A prompt whose start another slot holds or is prefilling copies
+those tokens' KV from that slot instead of computing it again.
 
 Out of memory: the rows admitted last go back to the queue (their turns start again, each turn is
 still generated once), `batch_size` drops to half the rows that were in flight, and the pass is
