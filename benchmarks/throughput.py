@@ -507,13 +507,15 @@ def report(results: dict[str, dict], bandwidth: float, args: argparse.Namespace,
     for name, counted in counters.items():
         step, shared = counted["steps"], counted["cache"]["shared_tokens"]
         total, passes = step["step_seconds"] or 1.0, max(step["decode_steps"], 1)
+        decoding = max(step["decode_steps"] + step.get("mixed_passes", 0), 1)  # every pass that decoded
         shares = ", ".join(
             f"{part} {100 * step[f'{part}_seconds'] / total:.0f}%"
             for part in ("decode", "prefill", "sampling", "scheduling")
         )
         print(
             f"  {name:<16} {1000 * step['decode_seconds'] / passes:6.1f} ms per decode pass at "
-            f"{step['decode_rows'] / passes:.1f} rows ({step['decode_pass_rows'] / passes:.1f} in the pass); "
+            f"{step['decode_rows'] / decoding:.1f} rows "
+            f"({step['decode_pass_rows'] / decoding:.1f} in the pass); "
             f"{step['prefill_passes']} prefill passes ({step.get('mixed_passes', 0)} of them decoding too; "
             f"{step['prefill_tokens']} tokens, {shared} more copied between slots); {shares}"
         )

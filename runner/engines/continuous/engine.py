@@ -59,10 +59,10 @@ class StepCounts:
     """summary.json's `steps` section: passes, rows and where the step time went."""
 
     steps: int
-    decode_steps: int
-    decode_rows: int  # rows that took a token, summed over decode passes
-    decode_pass_rows: int  # rows in the decode passes, the idle and prefilling ones below included
-    decode_seconds: float
+    decode_steps: int  # passes that only decoded (mixed_passes decoded too)
+    decode_rows: int  # rows that took a token, summed over the passes that decoded (mixed ones too)
+    decode_pass_rows: int  # their decode rows, the idle and prefilling ones below included
+    decode_seconds: float  # in the passes that only decoded
     prefill_passes: int
     prefill_tokens: int
     mixed_passes: int  # prefill passes that decoded a token for the decoding rows too
@@ -265,14 +265,14 @@ class ContinuousEngine(ChatModel):
         else:
             logits = self.forward(batch.input_ids, batch.starts, batch.slots)
         self.timings["decode_steps"] += 1
-        self.timings["decode_rows"] += len(batch.decoding)
-        self.timings["decode_pass_rows"] += len(batch.rows)
         self.timings["decode_seconds"] += time.perf_counter() - started
         return self._sample(batch, logits)
 
     def _sample(self, batch: DecodeBatch, logits: torch.Tensor) -> list[Outcome]:
         """Each decoding row's next token from the pass's logits (row i of the pass is slot i)."""
         sampled = time.perf_counter()
+        self.timings["decode_rows"] += len(batch.decoding)
+        self.timings["decode_pass_rows"] += len(batch.rows)
         if len(batch.decoding) < len(batch.rows):  # rows prefilling or idle below took no token
             logits = logits.index_select(0, torch.tensor(batch.logit_rows, device=logits.device))
         chosen = next_tokens(logits, batch.decoding, self.stop_tensor)
