@@ -473,6 +473,8 @@ def test_out_of_memory_lowers_the_slots_and_generates_every_turn_once(smol_pipel
         return real_pass(input_ids, positions, mask, cache, logits)
 
     monkeypatch.setattr(engine.forward, "direct", pass_that_fits_two_rows)
+    undone, undo = [], engine.scheduler.unprefilled
+    monkeypatch.setattr(engine.scheduler, "unprefilled", lambda batch: undone.append(batch) or undo(batch))
     replies = []
     results = list(
         replay_all(
@@ -481,6 +483,7 @@ def test_out_of_memory_lowers_the_slots_and_generates_every_turn_once(smol_pipel
     )
     assert [[m.content for m in r.messages] for r in results] == expected
     assert engine.batch_size == 2 and max(passes) == 2
+    assert undone  # a pass that prefilled and decoded failed, and its prompt chunk was done again
     assert len(replies) == sum(m.role == U for c in DOZEN for m in c.messages)  # every turn exactly once
 
 

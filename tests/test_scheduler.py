@@ -292,6 +292,19 @@ def test_a_ragged_prefill_takes_rows_of_any_length_unpadded_up_to_the_chunk():
     assert [row.stream for row in s.prefill_batch().rows] == [1]
 
 
+def test_a_failed_prefill_pass_is_undone_so_the_same_chunk_runs_again():
+    s = scheduler(prefill_chunk=45, ragged=True)
+    for stream, count in enumerate([8, 9]):
+        s.submit(turn(stream, ("user", numbers(100 * (stream + 1), count))))
+    s.admit()
+    batch = s.prefill_batch()
+    s.prefilled(batch)
+    assert all(row.phase is Phase.decode for row in batch.rows)
+    s.unprefilled(batch)
+    assert all(row.phase is Phase.prefill and not row.cached for row in batch.rows)
+    assert s.prefill_batch() == batch
+
+
 def test_a_turn_ends_at_its_max_new_tokens_or_a_stop_string():
     s = scheduler()
     s.submit(turn(0, ("user", "10"), max_new_tokens=3))
