@@ -88,6 +88,7 @@ def main() -> None:
 
     from transformers import AutoConfig
 
+    from runner.engines.continuous import prepare_model
     from runner.engines.continuous.decode_graphs import DecodeGraphs
     from runner.engines.continuous.forward import Forward
     from runner.engines.continuous.slot_cache import SlotCache
@@ -97,6 +98,7 @@ def main() -> None:
         config.num_hidden_layers = args.layers
     dtype = getattr(torch, args.dtype)
     model = random_model(config, dtype, args.device)
+    prepare_model(model, args.batch)  # as engine=continuous runs it
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     cache = SlotCache(config.num_hidden_layers, args.batch)
     cache.fit(args.batch, args.context + args.steps + 4)  # no growth while timed

@@ -8,8 +8,9 @@ whole pass in one launch. A graph fixes its tensors' shapes and addresses, so ea
 0..bucket-1 (slots above the batch's rows are free and are fed padding at position 0), reads every
 slot's whole capacity (the mask hides what a row has not written), and takes its tokens and
 positions from fixed buffers that each step fills (the cache holds slots in the same buckets).
-Resizing the cache moves its tensors, so the graphs are recorded again after a resize. The graphs
-share one memory pool.
+Resizing the cache moves its tensors, so the graphs are recorded again after a resize (into a new
+memory pool: the graphs of one cache allocation share one). Recording uses the engine's own
+capture stream, so graphs of engines freed later cannot touch it.
 
 Without recording (off CUDA) the same fixed-shape pass runs eagerly, which is how the tests check
 its arithmetic on a CPU. Recording itself needs a GPU; if it fails, the engine says so once and
@@ -55,8 +56,10 @@ class DecodeGraphs:
         self.sizes = buckets(batch_size)
         self.buckets: dict[int, Bucket] = {}
         self.used: set[int] = set()  # the bucket sizes passes have run at
+        self.recorded = 0  # graphs recorded (again after each resize)
         self.version = -1  # the cache's allocation the buckets were made for
-        self.pool = None
+        self.pool = None  # the memory pool the buckets' graphs share
+        self.stream = None  # the stream they are recorded on (made at the first recording)
 
     def __call__(self, input_ids: list[list[int]], starts: list[int]) -> torch.Tensor:
         """One token per row at positions `starts` of slots 0..rows-1: the logits, [rows, vocab]."""
@@ -65,7 +68,7 @@ class DecodeGraphs:
         cache = self.forward.cache
         cache.reserve(max(starts) + 1)
         if cache.version != self.version:  # the cache's tensors moved: record again
-            self.buckets.clear()
+            self.release()
             self.version = cache.version
         bucket = self.buckets.get(size)
         self.used.add(size)
@@ -87,6 +90,12 @@ class DecodeGraphs:
         bucket.graph.replay()
         return bucket.logits[:rows]
 
+    def release(self) -> None:
+        """Drop every bucket and graph, and their pool (a pool no graph holds cannot be recorded
+        into again)."""
+        self.buckets.clear()
+        self.pool = None
+
     def _pass(self, bucket: Bucket) -> torch.Tensor:
         """The fixed-shape pass over the bucket's buffers (what a graph records)."""
         cache, rows = self.forward.cache, bucket.input_ids.shape[0]
@@ -98,22 +107,27 @@ class DecodeGraphs:
         """Warm the pass up on a side stream (as CUDA graphs ask), then record it; False, said
         once, where recording fails. The warm-up writes this step's keys and values, which the
         replay writes again, the same."""
+        current = torch.cuda.current_stream()
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            self.stream = self.stream or torch.cuda.Stream()
+            self.stream.wait_stream(current)
+            with torch.cuda.stream(self.stream):
                 self._pass(bucket)
-            torch.cuda.current_stream().wait_stream(side)
+            current.wait_stream(self.stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
                 bucket.logits = self._pass(bucket)
         except torch.OutOfMemoryError:
+            torch.cuda.set_stream(current)
             raise  # the engine's out-of-memory policy takes it
         except RuntimeError as error:
+            torch.cuda.set_stream(current)  # a capture that failed to begin leaves its stream set
             log.warning("engine.cuda_graphs: recording a decode pass failed (%s); decoding without", error)
             for each in self.buckets.values():
                 each.graph = each.logits = None
+            self.pool = None
             return False
         self.pool = graph.pool()
         bucket.graph = graph
+        self.recorded += 1
         return True

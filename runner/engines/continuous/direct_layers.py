@@ -1,9 +1,9 @@
 """The decoder of a Llama-family model run op by op, for the continuous engine's passes.
 
-The same operations run in the same order on the same tensors as in transformers' forward (so the
-logits are the same bits; tests/test_engine.py compares them), straight from the layers' weights:
-the joined q/k/v and gate/up products (fused_projections.py) are sliced where the model would call
-each projection, and the final norm and the head see only each row's last token.
+The same operations run in the same order on the same tensors as in transformers' forward (so on
+a CPU the logits are the same bits; tests/test_engine.py compares them), straight from the layers'
+weights: the joined q/k/v and gate/up products (fused_projections.py) are sliced where the model
+would call each projection, and the final norm and the head see only each row's last token.
 
 Why: around the operations, transformers' model and layer forwards route keyword arguments, check
 masks and positions the engine has already made, record outputs and call each module through its

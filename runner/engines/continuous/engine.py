@@ -90,12 +90,14 @@ class ContinuousEngine(ChatModel):
         self.device = model.device
         self.kv_budget_bytes = kv_budget_bytes
         layers = model.config.get_text_config().num_hidden_layers
-        # CUDA graphs pass over a bucket's slots: the cache holds slots in the same steps.
+        # CUDA graphs pass over a bucket's slots: the cache holds slots in the same steps, and
+        # gives memory back less eagerly, since each resize records the graphs again.
         self.cache = SlotCache(
             layers,
             batch_size,
             slot_sizes=buckets(batch_size) if cuda_graphs else None,
             written_only=maps_lazily(self.device),
+            shrink_at=4 if cuda_graphs else 2,
         )
         self.forward = Forward(model, self.cache)
         budget = None if kv_budget_bytes is None else kv_budget_bytes // self.kv_bytes_per_token()
@@ -189,6 +191,13 @@ class ContinuousEngine(ChatModel):
             steps=StepCounts(**timings, scheduling_seconds=round(other, 4)),
         )
 
+    def close(self) -> None:
+        """Let go of the decode graphs and their memory pool now, not whenever the engine is
+        collected (the scheduler and the engine refer to each other)."""
+        if self.graphs is not None:
+            self.graphs.release()
+        super().close()
+
     # -- what the scheduler asks of the engine ---------------------------------------------------
 
     def stop_string_in(self, generated: list[int], stops: tuple[str, ...]) -> bool:
@@ -225,7 +234,7 @@ class ContinuousEngine(ChatModel):
         self.scheduler.prefilled(batch)
         self.timings["prefill_passes"] += 1
         self.timings["prefill_tokens"] += batch.tokens
-        self.timings["prefill_seconds"] += time.perf_counter() - started
+        self.timings["prefill_seconds"] += self._settled() - started
         return []
 
     def _prefill_and_decode(self) -> list[Outcome]:
@@ -252,7 +261,7 @@ class ContinuousEngine(ChatModel):
         self.timings["prefill_passes"] += 1
         self.timings["prefill_tokens"] += prefill.tokens
         self.timings["mixed_passes"] += decode is not None
-        self.timings["prefill_seconds"] += time.perf_counter() - started
+        self.timings["prefill_seconds"] += self._settled() - started
         return self._sample(decode, logits) if decode else []
 
     def _decode(self) -> list[Outcome]:
@@ -265,8 +274,15 @@ class ContinuousEngine(ChatModel):
         else:
             logits = self.forward(batch.input_ids, batch.starts, batch.slots)
         self.timings["decode_steps"] += 1
-        self.timings["decode_seconds"] += time.perf_counter() - started
+        self.timings["decode_seconds"] += self._settled() - started
         return self._sample(batch, logits)
+
+    def _settled(self) -> float:
+        """The clock once the device has run what was queued: a GPU runs a pass after its launches
+        return, so its time would land in whatever waits next (the sampler's tokens)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def _sample(self, batch: DecodeBatch, logits: torch.Tensor) -> list[Outcome]:
         """Each decoding row's next token from the pass's logits (row i of the pass is slot i)."""

@@ -3,7 +3,8 @@ and v, a gated MLP's gate and up. At load their weights are joined into one `nn.
 (packed for oneDNN like any other on a CPU); the first projection called with an input computes
 the joined product, and each projection returns its columns of it, so the model's own code runs
 unchanged. One product instead of three streams the input once and launches one kernel; on a
-CPU with oneDNN the results are the same bits (tests/test_engine.py checks the logits).
+CPU with oneDNN the results are the same bits (tests/test_engine.py checks the logits). A GPU's
+BLAS picks its kernel by the product's shape, so there the last bits can differ.
 
 Only groups of plain `nn.Linear` layers that share dtype, device and input width are joined
 (quantized, offloaded or differently placed ones stay as they are).
@@ -28,7 +29,10 @@ class JoinedProduct(torch.nn.Module):
         weights = [member.weight.detach() for member in members]
         biases = [member.bias for member in members]
         bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-        self.joined = torch.nn.Linear(weights[0].shape[1], sum(w.shape[0] for w in weights), bias is not None)
+        # On the meta device: the weights below replace what a plain Linear would allocate and fill.
+        self.joined = torch.nn.Linear(
+            weights[0].shape[1], sum(w.shape[0] for w in weights), bias is not None, device="meta"
+        )
         self.joined.weight = torch.nn.Parameter(torch.cat(weights), requires_grad=False)
         if bias is not None:
             self.joined.bias = torch.nn.Parameter(bias, requires_grad=False)
@@ -74,7 +78,8 @@ def join_projections(model: Any) -> int:
                 continue
             product = JoinedProduct(members)
             for member in members:
-                release_pages(member.weight, mapped)
+                if member.weight.device.type == "cpu":
+                    release_pages(member.weight, mapped)
             module.add_module("_".join(names), product)
             for index, name in enumerate(names):
                 setattr(module, name, Share(product, index))

@@ -2,7 +2,7 @@
 square, mean, rsqrt, scale) for the norms of Llama-family models, two per layer and one at the end.
 
 Only fp32 norms of the classes below are replaced: their arithmetic is `weight * x / sqrt(mean(x^2)
-+ eps)`, and in fp32 PyTorch's kernel gives the same bits (tests/test_engine.py compares the
++ eps)`, and in fp32 PyTorch's CPU kernel gives the same bits (tests/test_engine.py compares the
 logits). In half precision transformers rounds the normalised value before scaling it, so those
 keep transformers' own code, as do Gemma's norms (`1 + weight`).
 """

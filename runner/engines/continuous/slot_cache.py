@@ -4,7 +4,8 @@ Each layer holds keys and values of shape [slots, kv_heads, capacity, head_dim],
 layer's own device at its first write. Both sizes follow the rows in flight rather than the batch
 size: `fit` grows the slots (in steps of `slot_sizes`) and the capacity (in whole chunks) when rows
 join that need them, never per step, and gives memory back when the rows' needs fall to half of
-what is held (after a long conversation leaves, say). Before each forward pass the engine says
+what is held (after a long conversation leaves, say; to a quarter with CUDA graphs, which are
+recorded again after every resize). Before each forward pass the engine says
 which slots the batch rows are and where each row's new tokens go (`plan`); the model's attention
 layers then write there and read the slots' first `kv_length` positions back. Masks and positions
 are the engine's business.
@@ -123,7 +124,8 @@ class SlotCache(Cache):
     and by at least a quarter where the budget allows, so the copies that growing takes add up to
     a few times the final size; the slots held are the smallest of `slot_sizes` that covers the
     rows asked for. `written_only`: the tensors hold memory only where rows write (mapped_zeros.py,
-    on a CPU), so the budget counts each row's own need, and the rectangle may outgrow it."""
+    on a CPU), so the budget counts each row's own need, and the rectangle may outgrow it. Memory
+    is given back where the rows need at most 1/`shrink_at` of what is held."""
 
     def __init__(
         self,
@@ -132,8 +134,10 @@ class SlotCache(Cache):
         chunk: int = 64,
         slot_sizes: list[int] | None = None,
         written_only: bool = False,
+        shrink_at: int = 2,
     ):
         self.chunk, self.capacity, self.written_only = chunk, 4 * chunk, written_only
+        self.shrink_at = shrink_at
         self.slot_sizes = sorted({*(slot_sizes or range(4, max_slots, 4)), max_slots})
         self.slots = self.slot_sizes[0]
         self.version = 0  # counts reallocations: tensors recorded into a CUDA graph moved
@@ -183,9 +187,9 @@ class SlotCache(Cache):
 
     def fit(self, rows: int, length: int, most: int | None = None) -> None:
         """Hold at least `rows` slots of `length` tokens, growing capacity by at least a quarter
-        (within `most` cells, if given); give memory back where these rows need at most half of
-        what is held (contents of slots below `rows` and of their first `length` positions are
-        kept)."""
+        (within `most` cells, if given); give memory back where these rows need at most
+        1/`shrink_at` of what is held (contents of slots below `rows` and of their first `length`
+        positions are kept)."""
         slots = next(size for size in self.slot_sizes if size >= rows)
         capacity = self.chunks(max(length, 1))
         most = None if self.written_only else most  # the budget bounds what rows write, not this
@@ -199,7 +203,7 @@ class SlotCache(Cache):
             if most is not None:
                 roomy = min(roomy, most // slots // self.chunk * self.chunk)
             self._resize(slots, max(capacity, roomy))
-        elif 2 * slots * capacity <= self.slots * self.capacity:
+        elif self.shrink_at * slots * capacity <= self.slots * self.capacity:
             self._resize(slots, capacity)
 
     def cells(self, needs: list[int]) -> int:
