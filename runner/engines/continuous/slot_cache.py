@@ -5,10 +5,10 @@ layer's own device at its first write. Both sizes follow the rows in flight rath
 size: `fit` grows the slots (in steps of `slot_sizes`) and the capacity (in whole chunks) when rows
 join that need them, never per step, and gives memory back when the rows' needs fall to half of
 what is held (after a long conversation leaves, say; to a quarter with CUDA graphs, which are
-recorded again after every resize). Before each forward pass the engine says
-which slots the batch rows are and where each row's new tokens go (`plan`); the model's attention
-layers then write there and read the slots' first `kv_length` positions back. Masks and positions
-are the engine's business.
+recorded again after every resize). Before each forward pass the engine says which slots the batch
+rows are and where each row's new tokens go (`plan`); the model's attention layers then write
+there and read the slots' first `kv_length` positions back. Masks and positions are the engine's
+business.
 
 On a CPU the rectangle holds memory only where rows wrote (mapped_zeros.py): the cache keeps each
 slot's extent, the positions written to, so a resize copies only those, and a slot whose
