@@ -404,6 +404,13 @@ def test_the_kv_cache_holds_the_slots_and_capacity_the_rows_need_and_gives_memor
     assert cache.cells([65, 10, 30, 40, 50]) == 8 * 128  # 5 rows take 8 slots of the longest
     # A cache that holds memory only where rows write counts each row's own need.
     assert SlotCache(2, 32, written_only=True).cells([65, 10, 300]) == 128 + 64 + 320
+    # With CUDA graphs (recorded again after each resize) memory goes back at a quarter, not half.
+    graphed = SlotCache(num_layers=2, max_slots=32, shrink_at=4)
+    graphed.fit(rows=16, length=512)
+    graphed.fit(rows=8, length=512)  # half the rows left: kept
+    assert (graphed.slots, graphed.capacity, graphed.version) == (16, 512, 1)
+    graphed.fit(rows=4, length=512)  # three quarters left: given back
+    assert (graphed.slots, graphed.capacity, graphed.version) == (4, 512, 2)
 
 
 def test_the_kv_cache_holds_memory_only_where_rows_wrote():
