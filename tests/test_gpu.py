@@ -1,7 +1,7 @@
 """The continuous engine on a CUDA GPU (marked `gpu`: skipped without one; benchmarks/gpu_check.sh
 runs them on a lent GPU): the same greedy text as the pipeline, decode passes that never wait on
-the host inside the model, CUDA graphs recorded and replaying the same text, and seeded sampling
-that does not depend on the batch.
+the host inside the model, CUDA graphs recorded and replaying the same text, and each sampling
+row drawing from its own generator. The model is prepared as engine=continuous runs it.
 """
 
 from __future__ import annotations
