@@ -93,7 +93,13 @@ def load_engine(cfg: RunConfig, workload: Workload, run_dir: Path | None = None)
     plan = check_memory(cfg, setup, workload)
     log.info("loading %s (%s) for engine=%s", cfg.model.name, setup.location, setup.choice.kind.value)
     ready = EngineSetup(
-        setup.hardware, setup.arguments, tokenizer, plan.batch_rows, setup.architecture, plan.kv_budget_bytes
+        setup.hardware,
+        setup.arguments,
+        tokenizer,
+        plan.batch_rows,
+        setup.architecture,
+        plan.kv_budget_bytes,
+        plan.context_tokens,
     )
     engine = build_engine(cfg, setup.choice.kind, ready)
     loaded = LoadedEngine(

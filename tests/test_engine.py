@@ -446,6 +446,57 @@ def test_the_kv_cache_holds_memory_only_where_rows_wrote():
     assert process.memory_info().rss - before < 2 * cache.written_bytes
 
 
+def test_a_cpu_kv_cache_is_taken_once_and_takes_pages_before_a_pass_reads_them():
+    import resource
+
+    import psutil
+    import torch
+
+    from runner.engines.continuous.slot_cache import SlotCache
+
+    # Taken once: every slot at the plan's context, doubled when a row needs more, never shrunk
+    # (what is not written holds no memory; a resize would copy every written page).
+    cache = SlotCache(num_layers=2, max_slots=32, written_only=True, context=1000)
+    assert (cache.slots, cache.capacity) == (32, 1024)
+    cache.fit(rows=3, length=500)
+    cache.fit(rows=1, length=10)
+    assert (cache.slots, cache.capacity, cache.version) == (32, 1024, 0)
+    cache.fit(rows=2, length=1100)
+    assert (cache.slots, cache.capacity, cache.version) == (32, 2048, 1)
+
+    for layer in cache.layers:  # 4 KV heads of 64 dims: a page holds 16 positions of a head
+        layer.lazy_initialization(torch.zeros(1, 4, 1, 64), torch.zeros(1, 4, 1, 64))
+        layer.keys[:2, :, :20] = 1.0
+        layer.values[:2, :, :20] = 1.0
+    cache.wrote([0, 1], [20, 20])
+    # A pass reads 100 positions of slots 0-2: each slot's memory is taken up to the pass's reach
+    # in whole chunks (128), within what its row may write (slot 1's row: 50; slot 2's: nothing).
+    cache.claim([0, 1, 2], 100, [300, 50, 0])
+    assert cache.claimed[:3] == [128, 50, 0]
+
+    def faults_writing(slot: int, stop: int) -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for layer in cache.layers:
+            layer.keys[slot, :, 20:stop] = 2.0
+            layer.values[slot, :, 20:stop] = 2.0
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    assert faults_writing(0, 128) < 8  # taken: no page fault at the first write
+    assert faults_writing(3, 128) >= 2 * 2 * 4 * 6  # not taken: a fault a page (pages 2-7 of 4 heads)
+    assert bool((cache.layers[1].values[0, :, 20:128] == 2).all())
+
+    process = psutil.Process()
+    before = process.memory_info().rss
+    cache.claim(range(4, 32), 2048, [2048] * 28)  # 28 slots x 2 layers x 2 x 4 heads x 512 KiB
+    assert process.memory_info().rss - before > 0.9 * 28 * 2 * 2 * 4 * 2048 * 64 * 4
+    assert cache.written_bytes >= 28 * 2 * 2 * 4 * 2048 * 64 * 4  # counted as held
+    assert float(cache.layers[0].keys[4:].abs().sum()) == 0  # taken pages read as zeros
+    for slot in range(4, 32):
+        cache.forget(slot)  # memory given back, the claim with it
+    assert cache.claimed[4:] == [0] * 28
+    assert process.memory_info().rss - before < 0.1 * 28 * 2 * 2 * 4 * 2048 * 64 * 4
+
+
 def test_template_that_rewrites_history_falls_back_to_a_full_prefill(smol_pipeline, smol_model):
     tokenizer = smol_pipeline.tokenizer
     original = tokenizer.chat_template

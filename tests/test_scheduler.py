@@ -52,7 +52,7 @@ class FakeCache:
     holds rows x the longest need cells."""
 
     def __init__(self):
-        self.copies, self.fits, self.forgotten = [], [], []
+        self.copies, self.fits, self.forgotten, self.claims = [], [], [], []
 
     def copy(self, source, target, start, stop):
         self.copies.append((source, target, start, stop))
@@ -65,6 +65,9 @@ class FakeCache:
 
     def cells(self, needs):
         return len(needs) * max(needs)
+
+    def claim(self, slots, reach, needs):
+        self.claims.append((list(slots), reach, list(needs)))
 
 
 def words(ids):
@@ -265,6 +268,9 @@ def test_decoding_covers_the_slots_up_to_the_last_decoding_row():
     assert [row.stream for row in decode.decoding] == [0, 2]
     assert decode.slots == slice(0, 3) and decode.logit_rows == [0, 2]
     assert decode.input_ids == [[ASSISTANT], [0], [ASSISTANT]]  # slot 1 still prefills: padding
+    # Before the pass reads the slots' first 4 positions (the 3 prefilled, and the one it writes),
+    # their pages are taken, each within what its row may write: its prompt and max_new_tokens.
+    assert s.cache.claims == [([0, 1, 2], 4, [4 + 8, 13 + 8, 4 + 8])]
 
 
 def test_prefill_groups_rows_of_similar_length_under_the_chunk():

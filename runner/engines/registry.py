@@ -34,7 +34,8 @@ class EngineChoice:
 class EngineSetup:
     """What the app has ready before any engine exists: the machine, the translated load arguments,
     the tokenizer (the chat template already checked every conversation), the batch the memory
-    plan allows, the model's architecture figures, and the KV budget the plan resolved."""
+    plan allows, the model's architecture figures, and the KV budget and context per row the plan
+    resolved."""
 
     hardware: Hardware
     arguments: Any  # runner.model.arguments.TransformersArguments
@@ -42,6 +43,7 @@ class EngineSetup:
     batch_rows: int
     architecture: ArchitectureConfig | None = None
     kv_budget_bytes: int | None = None  # engine.kv_cache_gb as the plan resolved it (None: no limit)
+    context_tokens: int = 0  # the plan's context per row (0: not known)
 
 
 @dataclass(frozen=True)

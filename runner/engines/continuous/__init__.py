@@ -48,6 +48,7 @@ def build(cfg: RunConfig, setup: EngineSetup) -> Engine:
         cfg.engine.prefill_chunk,
         cuda_graphs,
         budget,
+        setup.context_tokens,
     )
 
 

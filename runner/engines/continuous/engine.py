@@ -48,7 +48,7 @@ class CacheCounts:
     shared_tokens: int  # copied from another slot that held the same prompt start
     prefix_mismatches: int  # next turns whose re-rendered prompt changed tokens the slot held
     kv_budget_waits: int  # admissions that left a turn waiting for room in the KV budget
-    kv_bytes: int  # the most the cache held at once (its slots x capacity)
+    kv_bytes: int  # the most the cache held at once (its slots x capacity; on a CPU address space)
     kv_written_bytes: int  # the most of it written at once: on a CPU, what it held in memory
     kv_budget_bytes: int | None  # engine.kv_cache_gb, resolved (None: no limit)
     slot_tokens: int  # each slot's capacity at the end
@@ -84,6 +84,7 @@ class ContinuousEngine(ChatModel):
         prefill_chunk: int,
         cuda_graphs: bool = False,
         kv_budget_bytes: int | None = None,
+        context_tokens: int = 0,
     ):
         super().__init__(model, tokenizer)
         self.sampling, self.prefill_chunk = sampling, prefill_chunk
@@ -98,6 +99,7 @@ class ContinuousEngine(ChatModel):
             slot_sizes=buckets(batch_size) if cuda_graphs else None,
             written_only=maps_lazily(self.device),
             shrink_at=4 if cuda_graphs else 2,
+            context=context_tokens,  # on a CPU the cache is taken once, this long (slot_cache.py)
         )
         self.forward = Forward(model, self.cache)
         budget = None if kv_budget_bytes is None else kv_budget_bytes // self.kv_bytes_per_token()

@@ -5,8 +5,9 @@ writes only its own tokens. A tensor from an anonymous private memory mapping re
 holds no memory until a page (4 KiB, 16 positions of a 64-wide head) is first written, so the
 process's memory follows what the rows wrote, not the rectangle. Reading an unwritten page maps
 the kernel's one shared zero page, which counts for nothing and stays in the CPU's cache. Freeing
-the tensor unmaps it at once (glibc would keep a freed 16 MiB tensor on its heap), and `forget`
-gives a range back (a slot whose conversation left) without freeing the tensor.
+the tensor unmaps it at once (glibc would keep a freed 16 MiB tensor on its heap), `forget`
+gives a range back (a slot whose conversation left) without freeing the tensor, and `claim`
+takes a range's pages ahead of a read that would otherwise map the zero page first.
 
 Elsewhere (another device, or a system without anonymous mappings) these are plain zeros.
 """
@@ -47,6 +48,39 @@ def forget(tensor: torch.Tensor, start: int, stop: int) -> None:
         return
     address, size = tensor.data_ptr(), tensor.element_size()
     give_back(address + start * size, address + stop * size)
+
+
+def claim(tensor: torch.Tensor, start: int, stop: int) -> None:
+    """Take the memory of the pages that elements start..stop-1 (flat order) of a contiguous
+    `mapped_zeros` tensor on a CPU touch, now, in one call (Linux 5.14's MADV_POPULATE_WRITE).
+    Why: a page read before it is written maps the zero page, and its first write then copies it,
+    a fault that flushes the other cores' TLBs (2-10 µs on a VM); taken ahead, a page costs ~1 µs.
+    A no-op elsewhere: pages are then taken at their first write."""
+    if not maps_lazily(tensor.device) or not _can_populate():
+        return
+    address, size = tensor.data_ptr(), tensor.element_size()
+    first = (address + start * size) // mmap.PAGESIZE * mmap.PAGESIZE
+    end = address + stop * size
+    if end > first:  # (should it fail, out of memory, the pages are taken at their first write)
+        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(end - first), POPULATE_WRITE)
+
+
+POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux's value, where Python lacks the name
+
+
+@functools.cache
+def _can_populate() -> bool:
+    """Whether this kernel takes MADV_POPULATE_WRITE (Linux 5.14 on)."""
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return False
+    page = mmap.mmap(-1, mmap.PAGESIZE, flags=FLAGS)
+    try:
+        page.madvise(POPULATE_WRITE)
+        return True
+    except OSError:
+        return False
+    finally:
+        page.close()
 
 
 def give_back(start: int, end: int) -> None:

@@ -67,6 +67,8 @@ class Slots(Protocol):
 
     def cells(self, needs: list[int]) -> int: ...
 
+    def claim(self, slots: list[int], reach: int, needs: list[int]) -> None: ...
+
 
 class Phase(enum.Enum):
     prefill = "prefill"  # prompt tokens left to write into the slot's cache
@@ -408,11 +410,13 @@ class Scheduler:
             return None
         last = max(row.slot for row in self.rows if row.phase is Phase.decode)
         rows = self.rows[: last + 1]
+        starts = [len(row.cached) for row in rows]
+        self.cache.claim([row.slot for row in rows], max(starts) + 1, [row.need for row in rows])
         return DecodeBatch(
             rows=rows,
             decoding=[row for row in rows if row.phase is Phase.decode],
             input_ids=[[row.next_token if row.phase is Phase.decode else self.pad] for row in rows],
-            starts=[len(row.cached) for row in rows],
+            starts=starts,
         )
 
     def update(self, batch: DecodeBatch, tokens: Sequence[int], now: float) -> list[Outcome]:

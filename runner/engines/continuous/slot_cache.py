@@ -14,6 +14,12 @@ On a CPU the rectangle holds memory only where rows wrote (mapped_zeros.py): the
 slot's extent, the positions written to, so a resize copies only those, and a slot whose
 conversation left gives its pages back (`forget`). What the memory holds then follows the rows'
 own lengths, not the longest row's times the slots, and so does the KV budget there (`cells`).
+There a larger rectangle costs address space only, so the cache is taken once: every slot, as long
+as the memory plan's context per row (`context`), and never shrunk. A resize would copy what every
+slot holds into pages taken afresh, and a fresh page costs the process a fault of 2-30 µs on a VM
+(40,000 of a forced 16-conversation replay's 160,000 faults were resizes). Before a decode pass,
+the pages of each slot up to what it reads are taken in one call (`claim`, within the row's own
+need): a page read before it is written would be copied at its first write, the dearest fault.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from runner.engines.continuous.mapped_zeros import forget, mapped_zeros
+from runner.engines.continuous.mapped_zeros import claim, forget, mapped_zeros
 
 
 @dataclass
@@ -113,6 +119,14 @@ class SlotLayer(CacheLayerMixin):
             for head in tensor:
                 forget(head, start * head.shape[1], head.numel())
 
+    def claim(self, slot: int, start: int, stop: int) -> None:
+        """Take the memory of a slot's positions start..stop-1 now (see mapped_zeros.claim)."""
+        if not self.is_initialized:
+            return
+        for tensor in (self.keys[slot], self.values[slot]):  # [heads, capacity, head_dim]
+            for head in tensor:
+                claim(head, start * head.shape[1], stop * head.shape[1])
+
     def copy(self, source: int, target: int, start: int, stop: int) -> None:
         if self.is_initialized:
             self.keys[target, :, start:stop] = self.keys[source, :, start:stop]
@@ -123,9 +137,13 @@ class SlotCache(Cache):
     """Up to `max_slots` rows of KV storage, `capacity` tokens each. Capacity grows in whole chunks
     and by at least a quarter where the budget allows, so the copies that growing takes add up to
     a few times the final size; the slots held are the smallest of `slot_sizes` that covers the
-    rows asked for. `written_only`: the tensors hold memory only where rows write (mapped_zeros.py,
-    on a CPU), so the budget counts each row's own need, and the rectangle may outgrow it. Memory
-    is given back where the rows need at most 1/`shrink_at` of what is held."""
+    rows asked for. Memory is given back where the rows need at most 1/`shrink_at` of what is held.
+
+    `written_only`: the tensors hold memory only where rows write (mapped_zeros.py, on a CPU), so
+    the budget counts each row's own need, and the rectangle may outgrow it. The cache then holds
+    all `max_slots` slots from the start, `context` tokens each (the plan's context per row), grows
+    to at least twice its capacity if a row needs more, and is never shrunk (see the module
+    docstring)."""
 
     def __init__(
         self,
@@ -135,14 +153,18 @@ class SlotCache(Cache):
         slot_sizes: list[int] | None = None,
         written_only: bool = False,
         shrink_at: int = 2,
+        context: int = 0,
     ):
         self.chunk, self.capacity, self.written_only = chunk, 4 * chunk, written_only
         self.shrink_at = shrink_at
         self.slot_sizes = sorted({*(slot_sizes or range(4, max_slots, 4)), max_slots})
+        if written_only:  # taken once: what is not written holds no memory
+            self.slot_sizes, self.capacity = [max_slots], max(self.capacity, self.chunks(context))
         self.slots = self.slot_sizes[0]
         self.version = 0  # counts reallocations: tensors recorded into a CUDA graph moved
         self.peak_bytes = 0
         self.extents = [0] * self.slots  # per slot: the positions written, 0..extent-1
+        self.claimed = [0] * self.slots  # per slot: positions whose memory is taken (`claim`)
         self.peak_written_bytes = 0
         self.step: StepPlan | None = None
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
@@ -174,22 +196,40 @@ class SlotCache(Cache):
 
     def forget(self, slot: int, start: int = 0) -> None:
         """The slot's positions from `start` on hold nothing the rows need: give their memory back."""
-        if self.extents[slot] > start:
+        if max(self.extents[slot], self.claimed[slot]) > start:
             for layer in self.layers:
                 layer.forget(slot, start)
-            self.extents[slot] = start
+            self.extents[slot] = min(self.extents[slot], start)
+            self.claimed[slot] = min(self.claimed[slot], start)
+
+    def claim(self, slots: Iterable[int], reach: int, needs: Iterable[int]) -> None:
+        """Before a pass reads these slots' first `reach` positions: take the memory of each slot's
+        positions up to `reach`, in whole chunks and within `needs` (what its row may write), that
+        it has not written (`written_only`; see mapped_zeros.claim). Rows shorter than the longest
+        in a decode pass would otherwise map the zero page at each page they have not reached, and
+        copy it at their first write there."""
+        if not self.written_only or not self.layers[0].is_initialized:
+            return
+        stop = min(self.chunks(reach), self.capacity)
+        for slot, need in zip(slots, needs, strict=True):
+            start, end = max(self.claimed[slot], self.extents[slot]), min(stop, need)
+            if end > start:
+                for layer in self.layers:
+                    layer.claim(slot, start, end)
+                self.claimed[slot] = end
+        self.peak_written_bytes = max(self.peak_written_bytes, self.written_bytes)
 
     def reserve(self, length: int) -> None:
         """Make room for `length` tokens in every slot (in whole chunks, copying what is there)."""
         if length > self.capacity:
-            wanted = max(length, self.capacity + self.capacity // 4)
+            wanted = max(length, self._grown())
             self._resize(self.slots, self.chunks(wanted))
 
     def fit(self, rows: int, length: int, most: int | None = None) -> None:
         """Hold at least `rows` slots of `length` tokens, growing capacity by at least a quarter
-        (within `most` cells, if given); give memory back where these rows need at most
-        1/`shrink_at` of what is held (contents of slots below `rows` and of their first `length`
-        positions are kept)."""
+        (within `most` cells, if given; twice `written_only`); give memory back where these rows
+        need at most 1/`shrink_at` of what is held (never `written_only`). Contents of slots below
+        `rows` and of their first `length` positions are kept."""
         slots = next(size for size in self.slot_sizes if size >= rows)
         capacity = self.chunks(max(length, 1))
         most = None if self.written_only else most  # the budget bounds what rows write, not this
@@ -199,12 +239,16 @@ class SlotCache(Cache):
                 # for a full 0.9 GB on the development machine), and rows that just left are soon
                 # replaced.
                 slots = max(slots, self.slots)
-            roomy = self.capacity + self.capacity // 4 if capacity > self.capacity else self.capacity
+            roomy = self._grown() if capacity > self.capacity else self.capacity
             if most is not None:
                 roomy = min(roomy, most // slots // self.chunk * self.chunk)
             self._resize(slots, max(capacity, roomy))
-        elif self.shrink_at * slots * capacity <= self.slots * self.capacity:
+        elif not self.written_only and self.shrink_at * slots * capacity <= self.slots * self.capacity:
             self._resize(slots, capacity)
+
+    def _grown(self) -> int:
+        """The least capacity a growth takes: a quarter more, or twice as much `written_only`."""
+        return 2 * self.capacity if self.written_only else self.capacity + self.capacity // 4
 
     def cells(self, needs: list[int]) -> int:
         """KV positions the memory holds for rows of these needs (tokens each): slots x the longest,
@@ -222,6 +266,7 @@ class SlotCache(Cache):
     def _resize(self, slots: int, capacity: int) -> None:
         self.extents = [min(extent, capacity) for extent in self.extents[:slots]]
         self.extents += [0] * (slots - len(self.extents))
+        self.claimed = list(self.extents)  # the new tensors hold what is copied into them
         self.slots, self.capacity = slots, capacity
         self.version += 1
         for layer in self.layers:
@@ -242,8 +287,8 @@ class SlotCache(Cache):
 
     @property
     def written_bytes(self) -> int:
-        """The bytes of the slots' written positions, in whole pages on a CPU (what the memory holds
-        there; on other devices the whole cache is held, `nbytes`)."""
+        """The bytes of the slots' written (or claimed) positions, in whole pages on a CPU (what the
+        memory holds there; on other devices the whole cache is held, `nbytes`)."""
         layers = [layer for layer in self.layers if layer.is_initialized]
         if not layers or layers[0].keys.device.type != "cpu":
             return self.nbytes
@@ -253,6 +298,7 @@ class SlotCache(Cache):
         )
         total = 0
         for (heads, row), count in shapes.items():
-            pages = sum(-(-extent * row // mmap.PAGESIZE) for extent in self.extents)
+            held = map(max, self.extents, self.claimed)
+            pages = sum(-(-extent * row // mmap.PAGESIZE) for extent in held)
             total += count * 2 * heads * pages * mmap.PAGESIZE
         return total
