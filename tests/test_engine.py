@@ -469,32 +469,38 @@ def test_a_cpu_kv_cache_is_taken_once_and_takes_pages_before_a_pass_reads_them()
         layer.keys[:2, :, :20] = 1.0
         layer.values[:2, :, :20] = 1.0
     cache.wrote([0, 1], [20, 20])
-    # A pass reads 100 positions of slots 0-2: each slot's memory is taken up to the pass's reach
-    # in whole chunks (128), within what its row may write (slot 1's row: 50; slot 2's: nothing).
-    cache.claim([0, 1, 2], 100, [300, 50, 0])
-    assert cache.claimed[:3] == [128, 50, 0]
+    # A decode pass reads slots 0-3 up to their longest row, 100 positions: slot 3's row, with
+    # nothing written yet, maps the zero page there.
+    assert float(sum(layer.keys[:4, :, :100].sum() for layer in cache.layers)) == 2 * 2 * 4 * 20 * 64
+    # Before the pass writes position 20 of slots 0 and 1 and position 0 of slots 2 and 3, the
+    # memory of the chunk each writes in is taken (64 positions); what slot 3's read mapped is
+    # dropped first, and what was written stays.
+    cache.claim([0, 1, 2, 3], [21, 21, 1, 1])
+    assert cache.claimed[:4] == [64, 64, 64, 64]
+    assert bool((cache.layers[0].keys[:2, :, :20] == 1).all())
+    assert float(cache.layers[1].values[:4, :, 20:].abs().sum()) == 0
 
-    def faults_writing(slot: int, stop: int) -> int:
+    def faults_writing(slot: int, start: int, stop: int) -> int:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         for layer in cache.layers:
-            layer.keys[slot, :, 20:stop] = 2.0
-            layer.values[slot, :, 20:stop] = 2.0
+            layer.keys[slot, :, start:stop] = 2.0
+            layer.values[slot, :, start:stop] = 2.0
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-    assert faults_writing(0, 128) < 8  # taken: no page fault at the first write
-    assert faults_writing(3, 128) >= 2 * 2 * 4 * 6  # not taken: a fault a page (pages 2-7 of 4 heads)
-    assert bool((cache.layers[1].values[0, :, 20:128] == 2).all())
+    assert faults_writing(0, 20, 64) + faults_writing(3, 0, 64) < 8  # taken: no fault a page
+    assert faults_writing(4, 0, 64) >= 2 * 2 * 4 * 4  # not taken: a fault a page (2 layers, K, V, 4 heads)
+    assert bool((cache.layers[1].values[0, :, 20:64] == 2).all())
 
     process = psutil.Process()
     before = process.memory_info().rss
-    cache.claim(range(4, 32), 2048, [2048] * 28)  # 28 slots x 2 layers x 2 x 4 heads x 512 KiB
-    assert process.memory_info().rss - before > 0.9 * 28 * 2 * 2 * 4 * 2048 * 64 * 4
-    assert cache.written_bytes >= 28 * 2 * 2 * 4 * 2048 * 64 * 4  # counted as held
-    assert float(cache.layers[0].keys[4:].abs().sum()) == 0  # taken pages read as zeros
-    for slot in range(4, 32):
+    cache.claim(range(5, 32), [2048] * 27)  # 27 slots x 2 layers x 2 x 4 heads x 512 KiB
+    assert process.memory_info().rss - before > 0.9 * 27 * 2 * 2 * 4 * 2048 * 64 * 4
+    assert cache.written_bytes >= 27 * 2 * 2 * 4 * 2048 * 64 * 4  # counted as held
+    assert float(cache.layers[0].keys[5:].abs().sum()) == 0  # taken pages read as zeros
+    for slot in range(5, 32):
         cache.forget(slot)  # memory given back, the claim with it
-    assert cache.claimed[4:] == [0] * 28
-    assert process.memory_info().rss - before < 0.1 * 28 * 2 * 2 * 4 * 2048 * 64 * 4
+    assert cache.claimed[5:] == [0] * 27
+    assert process.memory_info().rss - before < 0.1 * 27 * 2 * 2 * 4 * 2048 * 64 * 4
 
 
 def test_template_that_rewrites_history_falls_back_to_a_full_prefill(smol_pipeline, smol_model):

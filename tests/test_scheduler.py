@@ -66,8 +66,8 @@ class FakeCache:
     def cells(self, needs):
         return len(needs) * max(needs)
 
-    def claim(self, slots, reach, needs):
-        self.claims.append((list(slots), reach, list(needs)))
+    def claim(self, slots, stops):
+        self.claims.append((list(slots), list(stops)))
 
 
 def words(ids):
@@ -268,9 +268,9 @@ def test_decoding_covers_the_slots_up_to_the_last_decoding_row():
     assert [row.stream for row in decode.decoding] == [0, 2]
     assert decode.slots == slice(0, 3) and decode.logit_rows == [0, 2]
     assert decode.input_ids == [[ASSISTANT], [0], [ASSISTANT]]  # slot 1 still prefills: padding
-    # Before the pass reads the slots' first 4 positions (the 3 prefilled, and the one it writes),
-    # their pages are taken, each within what its row may write: its prompt and max_new_tokens.
-    assert s.cache.claims == [([0, 1, 2], 4, [4 + 8, 13 + 8, 4 + 8])]
+    # Before each pass, the cache takes the memory of what it writes: the prefill's 3 tokens of
+    # slots 0 and 2, then a token of slots 0-2 (slot 1 fed padding after none of its prompt).
+    assert s.cache.claims == [([0, 2], [3, 3]), ([0, 1, 2], [4, 1, 4])]
 
 
 def test_prefill_groups_rows_of_similar_length_under_the_chunk():

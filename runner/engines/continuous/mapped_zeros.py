@@ -52,16 +52,19 @@ def forget(tensor: torch.Tensor, start: int, stop: int) -> None:
 
 def claim(tensor: torch.Tensor, start: int, stop: int) -> None:
     """Take the memory of the pages that elements start..stop-1 (flat order) of a contiguous
-    `mapped_zeros` tensor on a CPU touch, now, in one call (Linux 5.14's MADV_POPULATE_WRITE).
-    Why: a page read before it is written maps the zero page, and its first write then copies it,
-    a fault that flushes the other cores' TLBs (2-10 µs on a VM); taken ahead, a page costs ~1 µs.
-    A no-op elsewhere: pages are then taken at their first write."""
+    `mapped_zeros` tensor on a CPU touch, now, in one call (Linux 5.14's MADV_POPULATE_WRITE),
+    where nothing was written from `start` on. Why: a page's first write is a fault of its own, and
+    a page that a read had mapped to the zero page is copied then, flushing the other cores' TLBs
+    (twice the cost on a VM); such mappings are dropped first (whole pages only), and populating
+    the range costs as much as fresh faults at most. A no-op elsewhere: pages are then taken at
+    their first write."""
     if not maps_lazily(tensor.device) or not _can_populate():
         return
     address, size = tensor.data_ptr(), tensor.element_size()
-    first = (address + start * size) // mmap.PAGESIZE * mmap.PAGESIZE
-    end = address + stop * size
-    if end > first:  # (should it fail, out of memory, the pages are taken at their first write)
+    first, end = address + start * size, address + stop * size
+    if end > first:  # (should populating fail, out of memory, pages are taken at their first write)
+        give_back(first, end)
+        first = first // mmap.PAGESIZE * mmap.PAGESIZE
         _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(end - first), POPULATE_WRITE)
 
 

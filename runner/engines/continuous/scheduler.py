@@ -67,7 +67,7 @@ class Slots(Protocol):
 
     def cells(self, needs: list[int]) -> int: ...
 
-    def claim(self, slots: list[int], reach: int, needs: list[int]) -> None: ...
+    def claim(self, slots: list[int], stops: list[int]) -> None: ...
 
 
 class Phase(enum.Enum):
@@ -374,7 +374,7 @@ class Scheduler:
         if not group:
             return None
         width = max(chunk for _, chunk in group)
-        return PrefillBatch(
+        batch = PrefillBatch(
             rows=[row for row, _ in group],
             chunks=[chunk for _, chunk in group],
             input_ids=[
@@ -385,6 +385,9 @@ class Scheduler:
             starts=[len(row.cached) for row, _ in group],
             slots=[row.slot for row, _ in group],
         )
+        ends = [start + len(ids) for start, ids in zip(batch.starts, batch.input_ids, strict=True)]
+        self.cache.claim(batch.slots, ends)
+        return batch
 
     def prefilled(self, batch: PrefillBatch) -> None:
         """The batch's tokens are in the cache: rows whose prompt is all there start decoding."""
@@ -411,7 +414,7 @@ class Scheduler:
         last = max(row.slot for row in self.rows if row.phase is Phase.decode)
         rows = self.rows[: last + 1]
         starts = [len(row.cached) for row in rows]
-        self.cache.claim([row.slot for row in rows], max(starts) + 1, [row.need for row in rows])
+        self.cache.claim([row.slot for row in rows], [start + 1 for start in starts])
         return DecodeBatch(
             rows=rows,
             decoding=[row for row in rows if row.phase is Phase.decode],

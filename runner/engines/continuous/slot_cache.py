@@ -17,9 +17,9 @@ own lengths, not the longest row's times the slots, and so does the KV budget th
 There a larger rectangle costs address space only, so the cache is taken once: every slot, as long
 as the memory plan's context per row (`context`), and never shrunk. A resize would copy what every
 slot holds into pages taken afresh, and a fresh page costs the process a fault of 2-30 µs on a VM
-(40,000 of a forced 16-conversation replay's 160,000 faults were resizes). Before a decode pass,
-the pages of each slot up to what it reads are taken in one call (`claim`, within the row's own
-need): a page read before it is written would be copied at its first write, the dearest fault.
+(40,000 of a forced 16-conversation replay's 160,000 faults were resizes). Before a pass, the
+chunk each row writes in is taken in one call (`claim`), dropping the zero-page mappings that a
+decode pass's reads past a shorter row's end left there, which would be copied at the first write.
 """
 
 from __future__ import annotations
@@ -202,17 +202,16 @@ class SlotCache(Cache):
             self.extents[slot] = min(self.extents[slot], start)
             self.claimed[slot] = min(self.claimed[slot], start)
 
-    def claim(self, slots: Iterable[int], reach: int, needs: Iterable[int]) -> None:
-        """Before a pass reads these slots' first `reach` positions: take the memory of each slot's
-        positions up to `reach`, in whole chunks and within `needs` (what its row may write), that
-        it has not written (`written_only`; see mapped_zeros.claim). Rows shorter than the longest
-        in a decode pass would otherwise map the zero page at each page they have not reached, and
-        copy it at their first write there."""
+    def claim(self, slots: Iterable[int], stops: Iterable[int]) -> None:
+        """Before a pass writes each slot's positions up to `stops` - 1: take the memory of the
+        slot's unwritten positions up to there, to the end of their chunk (`written_only`; see
+        mapped_zeros.claim), so that a chunk's pages are taken in one call, not a fault each. A decode
+        pass reads every slot up to its longest row, which maps a shorter row's next pages to the
+        zero page: they would be copied at their first write."""
         if not self.written_only or not self.layers[0].is_initialized:
             return
-        stop = min(self.chunks(reach), self.capacity)
-        for slot, need in zip(slots, needs, strict=True):
-            start, end = max(self.claimed[slot], self.extents[slot]), min(stop, need)
+        for slot, stop in zip(slots, stops, strict=True):
+            start, end = max(self.claimed[slot], self.extents[slot]), min(self.chunks(stop), self.capacity)
             if end > start:
                 for layer in self.layers:
                     layer.claim(slot, start, end)
