@@ -7,7 +7,7 @@ process's memory follows what the rows wrote, not the rectangle. Reading an unwr
 the kernel's one shared zero page, which counts for nothing and stays in the CPU's cache. Freeing
 the tensor unmaps it at once (glibc would keep a freed 16 MiB tensor on its heap), `forget`
 gives a range back (a slot whose conversation left) without freeing the tensor, and `claim`
-takes a range's pages ahead of a read that would otherwise map the zero page first.
+takes a range's pages in one call ahead of its writes.
 
 Elsewhere (another device, or a system without anonymous mappings) these are plain zeros.
 """
@@ -22,6 +22,7 @@ import mmap
 import torch
 
 FLAGS = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux's value, where Python lacks the name
 
 
 def maps_lazily(device: torch.device) -> bool:
@@ -66,9 +67,6 @@ def claim(tensor: torch.Tensor, start: int, stop: int) -> None:
         give_back(first, end)
         first = first // mmap.PAGESIZE * mmap.PAGESIZE
         _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(end - first), POPULATE_WRITE)
-
-
-POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux's value, where Python lacks the name
 
 
 @functools.cache
