@@ -446,7 +446,7 @@ def test_the_kv_cache_holds_memory_only_where_rows_wrote():
     assert process.memory_info().rss - before < 2 * cache.written_bytes
 
 
-def test_a_cpu_kv_cache_is_taken_once_and_takes_pages_before_a_pass_reads_them():
+def test_a_cpu_kv_cache_is_taken_once_and_takes_the_chunk_a_pass_writes_in_ahead():
     import resource
 
     import psutil
