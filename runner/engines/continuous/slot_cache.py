@@ -210,13 +210,15 @@ class SlotCache(Cache):
         zero page: they would be copied at their first write."""
         if not self.written_only or not self.layers[0].is_initialized:
             return
+        taken = False
         for slot, stop in zip(slots, stops, strict=True):
             start, end = max(self.claimed[slot], self.extents[slot]), min(self.chunks(stop), self.capacity)
             if end > start:
                 for layer in self.layers:
                     layer.claim(slot, start, end)
-                self.claimed[slot] = end
-        self.peak_written_bytes = max(self.peak_written_bytes, self.written_bytes)
+                self.claimed[slot], taken = end, True
+        if taken:  # (most passes take nothing: a chunk lasts 64 steps)
+            self.peak_written_bytes = max(self.peak_written_bytes, self.written_bytes)
 
     def reserve(self, length: int) -> None:
         """Make room for `length` tokens in every slot (in whole chunks, copying what is there)."""
