@@ -207,9 +207,9 @@ def kv_budget(setting: Any, cpu_free: int | None, weights: int) -> int | None:
 
 # bitsandbytes' CPU kernels decode no faster than fp32 weights through oneDNN: tokens/s of the
 # continuous engine as a fraction of fp32's, medians of `benchmarks/throughput.py --workloads forced
-# --contenders continuous,int8,int4 --repeats 3` on 2026-12-03 (16 MT-bench conversations, 64 tokens
-# a reply, a 2-core x86 CPU): fp32 152.9, int8 90.3, int4 150.4 tokens/s.
-CPU_QUANT_SPEED = {"int8": 0.59, "int4": 0.98}
+# --contenders continuous,int8,int4 --repeats 3` on 2026-12-05 (16 MT-bench conversations, 64 tokens
+# a reply, a 2-core x86 CPU): fp32 356.1, int8 174.4, int4 348.0 tokens/s.
+CPU_QUANT_SPEED = {"int8": 0.49, "int4": 0.98}
 
 
 def cpu_quant_note(quant: str) -> str | None:
